@@ -1,0 +1,3 @@
+from rwkvkit.cli import main
+
+raise SystemExit(main())
