@@ -1,0 +1,34 @@
+"""RWKV-4 WKV op: `wkv4(w, u, k, v, initial_state=None, impl="auto") -> (y, final_state)`."""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked import wkv4_chunked, wkv4_step
+from .naive import EMPTY_PP, empty_state, wkv4_naive
+
+IMPLS = ("auto", "naive", "chunked")
+
+
+def wkv4(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel weighted average of past values with decay w and a bonus u for the current token.
+
+    w = -exp(time_decay) [C], u = time_first [C], k, v [B, T, C]. State [B, 3, C] float32 = (aa, bb, pp), the
+    empty state having pp = -1e38. Returns y in k's dtype and the final state. Inputs are never modified.
+    impl: "auto" (a single-step path for T == 1, else chunked), "naive" or "chunked".
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown wkv4 impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "naive":
+        return wkv4_naive(w, u, k, v, initial_state)
+    return wkv4_chunked(w, u, k, v, initial_state)  # which itself takes the single-step path when T == 1
+
+
+__all__ = ["wkv4", "wkv4_naive", "wkv4_chunked", "wkv4_step", "empty_state", "EMPTY_PP", "IMPLS"]

@@ -1,0 +1,58 @@
+"""RWKV-5/6 WKV op: `wkv6(r, w, k, v, u, initial_state=None, impl="auto") -> (y, final_state)`."""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked import wkv6_chunked, wkv6_step
+from .naive import wkv6_naive
+
+IMPLS = ("auto", "naive", "chunked", "triton")
+
+
+def _triton_impl():
+    """The GPU kernel, or None where it (or triton) is not installed."""
+    try:
+        from .triton_chunk import wkv6_triton
+    except ImportError:
+        return None
+    return wkv6_triton
+
+
+def wkv6(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),  S_t = diag(exp w_t) S_{t-1} + k_t v_t^T, per head.
+
+    All per-token inputs [B, T, H, N]; w = log of the decay (<= 0), u = bonus [H, N]. RWKV-5 passes a time-constant
+    w. State [B, H, N_k, N_v] float32 (key-major, the official v5/v6 layout). Returns y in r's dtype and the final
+    state in float32. Inputs are never modified.
+    impl: "auto" (triton on CUDA when available, a single-step path for T == 1, else chunked), "naive",
+    "chunked" or "triton".
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown wkv6 impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        kernel = _triton_impl() if r.is_cuda else None
+        if kernel is not None:
+            return kernel(r, w, k, v, u, initial_state)
+        impl = "chunked"  # which itself takes the single-step path when T == 1
+    if impl == "naive":
+        return wkv6_naive(r, w, k, v, u, initial_state)
+    if impl == "triton":
+        kernel = _triton_impl()
+        if kernel is None:
+            from rwkvkit.errors import ConfigError
+
+            raise ConfigError("wkv6 impl 'triton' needs triton and rwkvkit.ops.wkv6.triton_chunk; use 'chunked'")
+        return kernel(r, w, k, v, u, initial_state)
+    return wkv6_chunked(r, w, k, v, u, initial_state)
+
+
+__all__ = ["wkv6", "wkv6_naive", "wkv6_chunked", "wkv6_step", "IMPLS"]

@@ -1,0 +1,58 @@
+"""RWKV-7 WKV op: `wkv7(r, w, k, v, a, b, initial_state=None, impl="auto") -> (y, final_state)`."""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked import wkv7_chunked, wkv7_step
+from .naive import wkv7_naive
+
+IMPLS = ("auto", "naive", "chunked", "triton")
+
+
+def _triton_impl():
+    """The GPU kernel, or None where it (or triton) is not installed."""
+    try:
+        from .triton_chunk import wkv7_triton
+    except ImportError:
+        return None
+    return wkv7_triton
+
+
+def wkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_t = S_{t-1} (diag(exp w_t) + a_t b_t^T) + v_t k_t^T,  y_t = S_t r_t, per head.
+
+    All per-token inputs [B, T, H, N]; w = log of the decay (<= 0). State [B, H, N_v, N_k] float32 (value-major,
+    the official v7 layout). Returns y in r's dtype and the final state in float32. Inputs are never modified.
+    impl: "auto" (triton on CUDA when available, a single-step path for T == 1, else chunked), "naive",
+    "chunked" or "triton".
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown wkv7 impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        kernel = _triton_impl() if r.is_cuda else None
+        if kernel is not None:
+            return kernel(r, w, k, v, a, b, initial_state)
+        impl = "chunked"  # which itself takes the single-step path when T == 1
+    if impl == "naive":
+        return wkv7_naive(r, w, k, v, a, b, initial_state)
+    if impl == "triton":
+        kernel = _triton_impl()
+        if kernel is None:
+            from rwkvkit.errors import ConfigError
+
+            raise ConfigError("wkv7 impl 'triton' needs triton and rwkvkit.ops.wkv7.triton_chunk; use 'chunked'")
+        return kernel(r, w, k, v, a, b, initial_state)
+    return wkv7_chunked(r, w, k, v, a, b, initial_state)
+
+
+__all__ = ["wkv7", "wkv7_naive", "wkv7_chunked", "wkv7_step", "IMPLS"]
