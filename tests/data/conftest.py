@@ -1,0 +1,7 @@
+import pytest
+from data_helpers import ByteTokenizer
+
+
+@pytest.fixture
+def byte_tok() -> ByteTokenizer:
+    return ByteTokenizer()
