@@ -73,24 +73,24 @@ def _chunks(r, w, k, v, u, S, L):
     V = v.shape[-1]
     n = T // L
 
-    def split(x):  # [B, T, H, N] -> [B, H, n, L, N]
-        return x.reshape(B, n, L, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+    def split(x):  # [B, T, H, N] -> [n, B, H, L, N]: chunk-major, so each chunk's slice below is contiguous
+        return x.reshape(B, n, L, H, x.shape[-1]).permute(1, 0, 3, 2, 4).contiguous()
 
     r, w, k, v = split(r), split(w), split(k), split(v)
     r_decayed = r * _exclusive_prefix_sum(w).exp()  # reads the chunk-start state
     k_decayed = k * _exclusive_suffix_sum(w).exp()  # writes into the chunk-end state
-    chunk_decay = w.sum(-2).exp()  # [B, H, n, K]
-    kv_chunk = k_decayed.transpose(-1, -2) @ v  # [B, H, n, K, V]
+    chunk_decay = w.sum(-2).exp()  # [n, B, H, K]
+    kv_chunk = k_decayed.transpose(-1, -2) @ v  # [n, B, H, K, V]
 
     # the scan; each chunk reads its start state right away, so the n states are never stacked in memory
     from_state = []
-    for r_i, decay_i, kv_i in zip(r_decayed.unbind(2), chunk_decay.unbind(2), kv_chunk.unbind(2)):
+    for r_i, decay_i, kv_i in zip(r_decayed.unbind(0), chunk_decay.unbind(0), kv_chunk.unbind(0)):
         from_state.append(r_i @ S)
         S = torch.addcmul(kv_i, decay_i.unsqueeze(-1), S)
 
-    bonus = (r * u[None, :, None, None, :] * k).sum(-1, keepdim=True)
-    y = torch.stack(from_state, dim=2) + _within_chunk(r, w, k, v) + bonus * v  # [B, H, n, L, V]
-    return y.permute(0, 2, 3, 1, 4).reshape(B, T, H, V), S
+    bonus = (r * u[:, None, :] * k).sum(-1, keepdim=True)
+    y = torch.stack(from_state) + _within_chunk(r, w, k, v) + bonus * v  # [n, B, H, L, V]
+    return y.permute(1, 0, 3, 2, 4).reshape(B, T, H, V), S
 
 
 def wkv6_chunked(r, w, k, v, u, initial_state=None, chunk_size: int = DEFAULT_CHUNK):

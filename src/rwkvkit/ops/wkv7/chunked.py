@@ -97,8 +97,8 @@ def _chunks(r, w, k, v, a, b, S, L):
     V = v.shape[-1]
     n = T // L
 
-    def split(x):  # [B, T, H, N] -> [B, H, n, L, N]
-        return x.reshape(B, n, L, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+    def split(x):  # [B, T, H, N] -> [n, B, H, L, N]: chunk-major, so each chunk's slice below is contiguous
+        return x.reshape(B, n, L, H, x.shape[-1]).permute(1, 0, 3, 2, 4).contiguous()
 
     r, w, k, v, a, b = (split(x) for x in (r, w, k, v, a, b))
     c = w.cumsum(-2)  # inclusive: c_t
@@ -122,19 +122,19 @@ def _chunks(r, w, k, v, a, b, S, L):
     WZ = _SolveUnitLower.apply(A_ab, torch.cat((a_dec, A_ak @ v), -1))
     W, Z = WZ[..., :K], WZ[..., K:]
 
-    M = torch.diag_embed(c[..., -1, :].exp()) + W.transpose(-1, -2) @ b_end  # [B, H, n, K, K]
-    C = Z.transpose(-1, -2) @ b_end + v.transpose(-1, -2) @ k_end  # [B, H, n, V, K]
+    M = torch.diag_embed(c[..., -1, :].exp()) + W.transpose(-1, -2) @ b_end  # [n, B, H, K, K]
+    C = Z.transpose(-1, -2) @ b_end + v.transpose(-1, -2) @ k_end  # [n, B, H, V, K]
     Q = r_dec + A_rb @ W
     Y0 = A_rb @ Z + A_rk @ v
 
     # the scan; each chunk reads its start state right away, so the n states are never stacked in memory
-    # (unbind, not M[:, :, i]: autograd then stacks the gradients once instead of n full-size scatters)
+    # (unbind, not M[i]: autograd then stacks the gradients once instead of n full-size scatters)
     ys = []
-    for Q_i, Y0_i, M_i, C_i in zip(Q.unbind(2), Y0.unbind(2), M.unbind(2), C.unbind(2)):
+    for Q_i, Y0_i, M_i, C_i in zip(Q.unbind(0), Y0.unbind(0), M.unbind(0), C.unbind(0)):
         ys.append(torch.baddbmm(Y0_i.flatten(0, 1), Q_i.flatten(0, 1), S.flatten(0, 1).transpose(-1, -2)))
         S = torch.baddbmm(C_i.flatten(0, 1), S.flatten(0, 1), M_i.flatten(0, 1)).view_as(S)
-    y = torch.stack(ys, dim=1).view(B, H, n, L, V)
-    return y.permute(0, 2, 3, 1, 4).reshape(B, T, H, V), S
+    y = torch.stack(ys).view(n, B, H, L, V)
+    return y.permute(1, 0, 3, 2, 4).reshape(B, T, H, V), S
 
 
 def wkv7_chunked(r, w, k, v, a, b, initial_state=None, chunk_size: int = DEFAULT_CHUNK):

@@ -1,0 +1,246 @@
+"""The CPU WKV ops (naive ground truth, chunked form, T == 1 step, dispatcher) of RWKV v4, v5/v6 and v7."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from rwkvkit.ops.testing import rel_rms, run_with_grads, wkv4_inputs, wkv6_inputs, wkv7_inputs
+from rwkvkit.ops.wkv4 import wkv4, wkv4_chunked, wkv4_naive, wkv4_step
+from rwkvkit.ops.wkv6 import wkv6, wkv6_chunked, wkv6_naive, wkv6_step
+from rwkvkit.ops.wkv7 import wkv7, wkv7_chunked, wkv7_naive, wkv7_step
+
+TOL = 1e-5  # float32 chunked vs float32 naive, values and gradients (reached: ~1e-7 to 1e-6)
+
+
+@dataclass
+class Op:
+    name: str
+    naive: Callable
+    chunked: Callable
+    step: Callable
+    dispatch: Callable
+    make: Callable  # (B, T, seed, **kw) -> (inputs, initial_state)
+    per_token: tuple[bool, ...]  # which inputs have a time axis (dim 1)
+
+    def out_like(self, inputs):
+        """Random upstream gradients shaped like (y, final_state)."""
+        y, s = self.naive(*inputs)
+        return torch.randn_like(y, dtype=torch.float32), torch.randn_like(s)
+
+
+def _make7(B, T, seed, N=8, **kw):
+    return wkv7_inputs(B, T, 2, N, seed=seed, **kw)
+
+
+def _make6(B, T, seed, N=8, **kw):
+    return wkv6_inputs(B, T, 2, N, seed=seed, **kw)
+
+
+def _make4(B, T, seed, N=8, **kw):
+    return wkv4_inputs(B, T, 2 * N, seed=seed, **kw)
+
+
+OPS = {
+    "wkv7": Op("wkv7", wkv7_naive, wkv7_chunked, wkv7_step, wkv7, _make7, (True,) * 6),
+    "wkv6": Op("wkv6", wkv6_naive, wkv6_chunked, wkv6_step, wkv6, _make6, (True,) * 4 + (False,)),
+    "wkv4": Op("wkv4", wkv4_naive, wkv4_chunked, wkv4_step, wkv4, _make4, (False, False, True, True)),
+}
+ALL = pytest.mark.parametrize("op", list(OPS.values()), ids=list(OPS))
+
+
+def _time_slice(op, inputs, lo, hi):
+    return [x[:, lo:hi] if timed else x for x, timed in zip(inputs, op.per_token)]
+
+
+def _assert_close(got, want, tol=TOL, what=""):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, (what, i)
+        assert torch.isfinite(g).all(), (what, i)
+        assert rel_rms(g, w) < tol, (what, i, rel_rms(g, w))
+
+
+@ALL
+@pytest.mark.parametrize(
+    "T, chunk, with_state", [(1, 16, True), (7, 4, False), (33, 16, True), (65, 8, False), (40, 32, True)]
+)
+def test_chunked_matches_naive_values_and_all_gradients(op, T, chunk, with_state):
+    inputs, state = op.make(2, T, seed=T)
+    state = state if with_state else None
+    dy, ds = op.out_like(inputs)
+    want = run_with_grads(op.naive, inputs, state, dy, ds)
+    got = run_with_grads(lambda *x: op.chunked(*x, chunk_size=chunk), inputs, state, dy, ds)
+    assert len(got) == len(op.per_token) + 2 + with_state
+    _assert_close(got, want, what=op.name)
+
+
+@pytest.mark.parametrize("op", ["wkv7", "wkv6"])
+def test_chunked_head_size_64(op):
+    op = OPS[op]
+    inputs, state = op.make(1, 45, seed=5, N=64)
+    dy, ds = op.out_like(inputs)
+    want = run_with_grads(op.naive, inputs, state, dy, ds)
+    got = run_with_grads(op.chunked, inputs, state, dy, ds)  # default chunk sizes
+    _assert_close(got, want, what=op.name)
+
+
+@ALL
+def test_state_carries_across_calls_and_single_steps(op):
+    """op(x) == op(x[:a]) then op(x[a:], state) == token-by-token T == 1 steps, for chunked and naive."""
+    T = 29
+    inputs, state = op.make(1, T, seed=3)
+    y_all, s_all = op.chunked(*inputs, state, chunk_size=8)
+    for fn in (op.chunked, op.naive):
+        y1, s1 = fn(*_time_slice(op, inputs, 0, 11), state)
+        y2, s2 = fn(*_time_slice(op, inputs, 11, T), s1)
+        _assert_close([torch.cat([y1, y2], 1), s2], [y_all, s_all])
+    s, ys = state, []
+    for t in range(T):
+        y, s = op.step(*_time_slice(op, inputs, t, t + 1), s)
+        ys.append(y)
+    _assert_close([torch.cat(ys, 1), s], [y_all, s_all])
+    for impl in ("auto", "chunked"):  # both take the single-step path at T == 1
+        y1, s1 = op.dispatch(*_time_slice(op, inputs, 0, 1), state, impl=impl)
+        assert torch.equal(y1, ys[0]) and torch.equal(s1, op.step(*_time_slice(op, inputs, 0, 1), state)[1])
+
+
+@pytest.mark.parametrize(
+    "op, kw",
+    [
+        ("wkv6", dict(raw_decay_shift=0.0, raw_decay_scale=5.0)),  # w from ~-1e-5 (decay ~1) to ~-1e5 (decay 0)
+        ("wkv6", dict(raw_decay_shift=12.0, raw_decay_scale=0.1)),  # every decay ~0 (w ~ -1.6e5)
+        ("wkv6", dict(raw_decay_shift=-14.0, raw_decay_scale=0.1)),  # every decay within 1e-6 of 1
+        ("wkv7", dict(log_decay_range=(-0.6066, -0.6065))),  # the steepest v7 decay everywhere
+        ("wkv7", dict(log_decay_range=(-1e-6, 0.0))),  # decay ~1
+        ("wkv7", dict(log_decay_range=(-5.0, 0.0))),  # outside the v7 range: the chunk shrinks (16 -> 8)
+        ("wkv7", dict(log_decay_range=(-80.0, 0.0))),  # far outside: single steps
+        ("wkv4", dict(k_scale=40.0, decay_scale=4.0)),  # |k| up to ~100, w from ~-1e-3 to ~-3e3
+    ],
+)
+def test_extreme_decays_stay_finite_and_exact(op, kw):
+    op = OPS[op]
+    inputs, state = op.make(2, 37, seed=7, **kw)
+    dy, ds = op.out_like(inputs)
+    want = run_with_grads(op.naive, inputs, state, dy, ds)
+    got = run_with_grads(lambda *x: op.chunked(*x, chunk_size=16), inputs, state, dy, ds)
+    _assert_close(got, want, what=kw)
+
+
+def test_wkv4_extreme_keys_match_float64():
+    """Large k: both forms agree with a float64 evaluation of the defining weighted average."""
+    (w, u, k, v), _ = wkv4_inputs(1, 24, 6, seed=2, k_scale=40.0, decay_scale=3.0)
+    y_ref = _wkv4_float64(w, u, k, v)
+    for fn in (wkv4_naive, wkv4_chunked):
+        y, _ = fn(w, u, k, v)
+        assert rel_rms(y, y_ref) < 1e-5
+
+
+@ALL
+@pytest.mark.parametrize("T", [1, 19])
+def test_bf16_in_bf16_out_float32_state(op, T):
+    inputs, state = op.make(1, T, seed=11)
+    half = [x.to(torch.bfloat16) for x in inputs]
+    y, s = op.dispatch(*half, state)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    y_ref, s_ref = op.naive(*[x.float() for x in half], state)  # float32 math on the same rounded inputs
+    assert rel_rms(y, y_ref) < 1e-2 and rel_rms(s, s_ref) < 1e-5
+
+
+@ALL
+@pytest.mark.parametrize("impl", ["naive", "chunked", "auto"])
+def test_inputs_are_not_modified(op, impl):
+    inputs, state = op.make(1, 9, seed=4)
+    before = [x.clone() for x in (*inputs, state)]
+    op.dispatch(*inputs, state, impl=impl)
+    assert all(torch.equal(x, x0) for x, x0 in zip((*inputs, state), before))
+
+
+@ALL
+def test_dispatch_rejects_unknown_impl(op):
+    inputs, _ = op.make(1, 3, seed=0)
+    with pytest.raises(ValueError, match="naive"):
+        op.dispatch(*inputs, impl="fastest")
+
+
+@ALL
+def test_no_initial_state_means_empty_state(op):
+    inputs, _ = op.make(1, 6, seed=6)
+    y, s = op.dispatch(*inputs)
+    empty = torch.zeros_like(s)
+    if op.name == "wkv4":
+        empty[:, 2] = -1e38
+    y2, s2 = op.dispatch(*inputs, empty)
+    _assert_close([y2, s2], [y, s], tol=1e-7)
+
+
+# --- independent float64 scalar loops, written straight from the formulas in docs/design.md ---
+
+
+def _wkv7_float64(r, w, k, v, a, b, s0):
+    B, T, H, N = r.shape
+    r, w, k, v, a, b = (x.double().tolist() for x in (r, w, k, v, a, b))
+    S = s0.double().tolist()
+    y = [[[[0.0] * N for _ in range(H)] for _ in range(T)] for _ in range(B)]
+    for bi in range(B):
+        for h in range(H):
+            st = S[bi][h]
+            for t in range(T):
+                at, bt, kt, rt = a[bi][t][h], b[bi][t][h], k[bi][t][h], r[bi][t][h]
+                for i in range(N):
+                    sa = sum(st[i][j] * at[j] for j in range(N))
+                    for j in range(N):
+                        st[i][j] = st[i][j] * math.exp(w[bi][t][h][j]) + sa * bt[j] + v[bi][t][h][i] * kt[j]
+                    y[bi][t][h][i] = sum(st[i][j] * rt[j] for j in range(N))
+    return torch.tensor(y, dtype=torch.float64), torch.tensor(S, dtype=torch.float64)
+
+
+def _wkv6_float64(r, w, k, v, u, s0):
+    B, T, H, N = r.shape
+    r, w, k, v, u = (x.double().tolist() for x in (r, w, k, v, u))
+    S = s0.double().tolist()
+    y = [[[[0.0] * N for _ in range(H)] for _ in range(T)] for _ in range(B)]
+    for bi in range(B):
+        for h in range(H):
+            st = S[bi][h]
+            for t in range(T):
+                rt, kt, vt = r[bi][t][h], k[bi][t][h], v[bi][t][h]
+                for j in range(N):
+                    y[bi][t][h][j] = sum(rt[i] * (st[i][j] + u[h][i] * kt[i] * vt[j]) for i in range(N))
+                for i in range(N):
+                    for j in range(N):
+                        st[i][j] = math.exp(w[bi][t][h][i]) * st[i][j] + kt[i] * vt[j]
+    return torch.tensor(y, dtype=torch.float64), torch.tensor(S, dtype=torch.float64)
+
+
+def _wkv4_float64(w, u, k, v):
+    """The defining sum (empty initial state), each output normalised by its own largest exponent."""
+    B, T, C = k.shape
+    w, u, k, v = (x.double() for x in (w, u, k, v))
+    y = torch.empty(B, T, C, dtype=torch.float64)
+    for t in range(T):
+        past = k[:, :t] + (t - 1 - torch.arange(t, dtype=torch.float64))[:, None] * w
+        expo = torch.cat([past, (u + k[:, t])[:, None]], 1)
+        weights = torch.exp(expo - expo.amax(1, keepdim=True))
+        y[:, t] = (weights * v[:, : t + 1]).sum(1) / weights.sum(1)
+    return y
+
+
+def test_naive_matches_float64_scalar_loops():
+    inputs7, s7 = wkv7_inputs(1, 5, 2, 3, seed=1)
+    y_ref, s_ref = _wkv7_float64(*inputs7, s7)
+    y, s = wkv7_naive(*inputs7, s7)
+    assert rel_rms(y, y_ref) < 1e-6 and rel_rms(s, s_ref) < 1e-6
+    assert s.shape == (1, 2, 3, 3)  # value-major [B, H, N_v, N_k]
+
+    inputs6, s6 = wkv6_inputs(1, 5, 2, 3, seed=1)
+    y_ref, s_ref = _wkv6_float64(*inputs6, s6)
+    y, s = wkv6_naive(*inputs6, s6)
+    assert rel_rms(y, y_ref) < 1e-6 and rel_rms(s, s_ref) < 1e-6
+
+    (w, u, k, v), _ = wkv4_inputs(2, 9, 5, seed=1, k_scale=3.0)
+    y, _ = wkv4_naive(w, u, k, v)
+    assert rel_rms(y, _wkv4_float64(w, u, k, v)) < 1e-6
