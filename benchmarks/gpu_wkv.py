@@ -1,0 +1,259 @@
+"""WKV7 / WKV6 on a GPU: our Triton kernels (several configs) vs fla, timed and checked against float64.
+
+    python benchmarks/gpu_wkv.py                                  # WKV7, both issue shapes, our default config
+    python benchmarks/gpu_wkv.py --variants all --profile --odd-length 1013
+    python benchmarks/gpu_wkv.py --op wkv6 --fla                  # fla autotunes for minutes on its first call
+
+WKV7 inputs look like a real RWKV-7 layer's (decay in (e^{-e^{-0.5}}, 1), a = -kk, b = kk * iclr, |kk| = 1),
+WKV6 ones like RWKV-6's (w = -exp(N(-1, 0.5))), bf16 (u float32).
+Time: median of triton.testing.do_bench over fwd (y only) and fwd+bwd (dy on y, gradients of all inputs).
+Error: ||out - ref|| / ||ref|| against a float64 recurrence on the same bf16 inputs (batch 0 only, with a random
+initial state and a random gradient on the final state too), listed as a multiple of the bf16 floor
+||bf16(ref) - ref|| / ||ref|| of that quantity; "worst" is the largest multiple over y, state and all gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+
+import torch
+import triton
+
+from rwkvkit.ops.wkv6.triton_chunk import wkv6_triton
+from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, wkv7_triton
+
+SHAPES = {"0.1B": (8, 4096, 12, 64), "1.5B": (4, 4096, 32, 64)}
+QUANTITIES = {
+    "wkv7": ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "ds0"],
+    "wkv6": ["y", "state", "dr", "dw", "dk", "dv", "du", "ds0"],
+}
+
+
+def _config(chunk=16, state="tf32r", chunk_dots="tf32r", solve="tf32r", block_v=32, **kw):
+    return KernelConfig(chunk, state, chunk_dots, solve, block_v, **kw)
+
+
+VARIANTS = {  # H100 history in docs/gpu.md: ieee 6x slower, raw tf32 1.78x the floor, chunk 32 spills
+    "c16-tf32r-v32": _config(),
+    "c16-tf32r-v64": _config(block_v=64),
+    "c16-tf32r-v32-g4": _config(warps_grad=4),
+    "c16-tf32r-v32-perdot": _config(round_once=False),
+    "c16-mixed-v32": _config(chunk_dots="ieee"),
+    "c16-tf32-v32": _config(state="tf32", chunk_dots="tf32", solve="tf32"),
+    "c16-ieee-v64": _config(state="ieee", chunk_dots="ieee", solve="ieee", block_v=64),
+}
+DEFAULT_VARIANT = "c16-tf32r-v32"
+
+
+def rwkv7_inputs(B, T, H, N, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
+    w = -torch.exp(-torch.nn.functional.softplus(-randn(B, T, H, N)) - 0.5)
+    kk = torch.nn.functional.normalize(randn(B, T, H, N), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(randn(B, T, H, N))
+    return [x.to(dtype) for x in (r, w, k, v, a, b)]
+
+
+def rwkv6_inputs(B, T, H, N, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
+    w = -torch.exp(randn(B, T, H, N) * 0.5 - 1.0)
+    return [x.to(dtype) for x in (r, w, k, v)] + [randn(H, N) * 0.5]
+
+
+def reference6_fp64(r, w, k, v, u, s0):
+    r, w, k, v, u = (x.double() for x in (r, w, k, v, u))
+    S = s0.double()
+    ys = []
+    for t in range(r.shape[1]):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]
+        ys.append((r[:, t, :, None, :] @ (S + u[None, :, :, None] * kv)).squeeze(-2))
+        S = w[:, t].exp()[..., None] * S + kv
+    return torch.stack(ys, 1), S
+
+
+def reference_fp64(r, w, k, v, a, b, s0):
+    """The recurrence step by step in float64 (the definition, nothing clever)."""
+    r, w, k, v, a, b = (x.double() for x in (r, w, k, v, a, b))
+    S = s0.double()
+    decay = w.exp()
+    ys = []
+    for t in range(r.shape[1]):
+        sa = S @ a[:, t, :, :, None]
+        S = S * decay[:, t, :, None, :] + sa * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append((S @ r[:, t, :, :, None]).squeeze(-1))
+    return torch.stack(ys, 1), S
+
+
+def ours(op, cfg):
+    kernel = wkv7_triton if op == "wkv7" else wkv6_triton
+    return lambda *args: kernel(*args, config=cfg)
+
+
+def fla_rwkv6():
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    def run(r, w, k, v, u, s0):
+        y, s = chunk_rwkv6(r, k, v, w, u, scale=1.0, initial_state=s0, output_final_state=True)
+        return y, s
+
+    return run
+
+
+def fla_rwkv7(**options):
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    def run(r, w, k, v, a, b, s0):
+        # fla keeps the state key-major [B, H, K, V]; ours is value-major
+        s0 = None if s0 is None else s0.transpose(-1, -2)
+        y, s = chunk_rwkv7(r, w, k, v, a, b, initial_state=s0, output_final_state=True, **options)
+        return y, s.transpose(-1, -2)
+
+    return run
+
+
+def outputs_and_grads(fn, inputs, s0, dy, ds):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    s0 = s0.detach().clone().requires_grad_()
+    y, s = fn(*leaves, s0)
+    torch.autograd.backward((y, s), (dy, ds))
+    return [y.detach(), s.detach()] + [x.grad for x in leaves] + [s0.grad]
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def reference(op, inputs, seed):
+    """float64 outputs and gradients on batch element 0 (random initial state and final-state gradient too)."""
+    one = [x[:1] if x.dim() == 4 else x for x in inputs]
+    B, T, H, N = one[0].shape
+    g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    s0 = torch.randn(1, H, N, N, generator=g, device="cuda") * 0.5
+    dy = torch.randn(1, T, H, N, generator=g, device="cuda").to(one[0].dtype)
+    ds = torch.randn(1, H, N, N, generator=g, device="cuda")
+    ref_fn = reference_fp64 if op == "wkv7" else reference6_fp64
+    ref = outputs_and_grads(ref_fn, [x.double() for x in one], s0.double(), dy.double(), ds.double())
+    floor = [rel_err(x.to(torch.bfloat16), x) for x in ref]
+    return (one, s0, dy, ds), ref, floor
+
+
+def error_multiples(fn, case, ref, floor):
+    """||out - ref|| / ||ref|| of every output and gradient, as a multiple of its bf16 floor."""
+    try:
+        got = outputs_and_grads(fn, *case)
+    except Exception as e:  # a peer that cannot take this input still gets a row
+        return repr(e)[:80]
+    return [rel_err(x, rx) / f for x, rx, f in zip(got, ref, floor)]
+
+
+def timings(fn, inputs):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    dy = torch.randn_like(inputs[3])
+
+    def fwd():
+        with torch.no_grad():
+            fn(*leaves, None)
+
+    def fwd_bwd():
+        y, _ = fn(*leaves, None)
+        torch.autograd.backward(y, dy)
+
+    def bench(f):
+        return triton.testing.do_bench(f, warmup=100, rep=500, grad_to_none=leaves, return_mode="median")
+
+    return bench(fwd), bench(fwd_bwd)
+
+
+def kernel_breakdown(fn, inputs):
+    """Device time per kernel over one fwd+bwd (torch.profiler), to see which stage to work on."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    dy = torch.randn_like(inputs[3])
+    for _ in range(2):
+        y, _ = fn(*leaves, None)
+        torch.autograd.backward(y, dy)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y, _ = fn(*leaves, None)
+        torch.autograd.backward(y, dy)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])[:6]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", default="wkv7", choices=["wkv7", "wkv6"])
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--variants", nargs="*", default=[DEFAULT_VARIANT], help="names from VARIANTS, or 'all'")
+    p.add_argument("--fla", action="store_true", help="add fla's chunk_rwkv7 (its first call autotunes for minutes)")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--odd-length", type=int, default=0, help="also check accuracy at this T (batch 1)")
+    p.add_argument("--profile", action="store_true", help="per-kernel device time of our variants")
+    args = p.parse_args()
+    names = list(VARIANTS) if args.variants == ["all"] else args.variants
+    quantities = QUANTITIES[args.op]
+    make_inputs = rwkv7_inputs if args.op == "wkv7" else rwkv6_inputs
+    fns = {f"ours {args.op} {n}": ours(args.op, VARIANTS[n]) for n in names}
+    if args.fla and args.op == "wkv7":
+        fns["fla chunk_rwkv7"] = fla_rwkv7()
+        fns["fla chunk_rwkv7 lower_bound"] = fla_rwkv7(lower_bound=-math.exp(-0.5))
+    elif args.fla:
+        fns["fla chunk_rwkv6"] = fla_rwkv6()
+    device = torch.cuda.get_device_name()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"# {device}, torch {torch.__version__}, triton {triton.__version__}, {now:%Y-%m-%d %H:%M} UTC")
+    if args.odd_length:
+        B, T, H, N = 1, args.odd_length, 12, 64
+        case, ref, floor = reference(args.op, make_inputs(B, T, H, N, torch.bfloat16, seed=7), seed=7)
+        for name, fn in fns.items():
+            err = error_multiples(fn, case, ref, floor)
+            cells = " ".join(f"{q}={e:.2f}" for q, e in zip(quantities, err)) if isinstance(err, list) else err
+            print(f"  T={T} {name}: err/floor {cells}", flush=True)
+    rows = []
+    for shape_name in args.shapes:
+        B, T, H, N = SHAPES[shape_name]
+        inputs = make_inputs(B, T, H, N, torch.bfloat16)
+        if not args.no_accuracy:
+            case, ref, floor = reference(args.op, inputs, seed=0)
+            print(f"{shape_name} bf16 floor: " + " ".join(f"{q}={f:.2e}" for q, f in zip(quantities, floor)))
+        for name, fn in fns.items():
+            err = None if args.no_accuracy else error_multiples(fn, case, ref, floor)
+            try:
+                t_fwd, t_all = timings(fn, inputs)
+            except Exception as e:
+                t_fwd = t_all = float("nan")
+                err = err if isinstance(err, str) else repr(e)[:80]
+            rows.append((shape_name, name, t_fwd, t_all, err))
+            worst = f"{max(err):.2f}" if isinstance(err, list) else err
+            times = f"fwd {t_fwd:.3f} ms, fwd+bwd {t_all:.3f} ms"
+            print(f"  {shape_name} {name}: {times}, worst err/floor {worst}", flush=True)
+            if args.profile and name.startswith("ours"):
+                for kernel, ms in kernel_breakdown(fn, inputs):
+                    print(f"    {ms:8.3f} ms  {kernel[:90]}")
+        if not args.no_accuracy:
+            del case, ref
+            torch.cuda.empty_cache()
+    print(f"\n| shape B,T,H,N | impl | fwd ms | fwd+bwd ms | worst err/floor | {' | '.join(quantities)} |")
+    print("|---|---|---|---|---|" + "---|" * len(quantities))
+    for shape_name, name, t_fwd, t_all, err in rows:
+        shape = ",".join(map(str, SHAPES[shape_name]))
+        if isinstance(err, list):
+            cells = f"{max(err):.2f} | " + " | ".join(f"{e:.2f}" for e in err)
+        else:
+            cells = f"{err} |" + " |" * (len(quantities) - 1)
+        print(f"| {shape} | {name} | {t_fwd:.3f} | {t_all:.3f} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

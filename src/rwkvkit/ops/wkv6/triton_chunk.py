@@ -1,0 +1,297 @@
+"""Chunked RWKV-5/6 WKV in Triton: forward and backward, optional initial state, final state out.
+
+Per head, with the state S [N_k, N_v] (key-major) and G_t = w_1 + ... + w_t the in-chunk cumulative log decay, a
+chunk of C tokens that starts from S_0 gives
+
+    y_t = (r_t e^{G_{t-1}})^T S_0 + sum_{j<t} <r_t, k_j e^{G_{t-1}-G_j}> v_j + <r_t, u k_t> v_t
+    S_C = diag(e^{G_C}) S_0 + sum_j (k_j e^{G_C-G_j}) v_j^T
+
+so y = R~ S_0 + M V with a C x C lower-triangular M (the bonus u on its diagonal). As in the WKV7 kernel, the pair
+exponent is split around the chunk's middle token, the sequential walks carry only the state, and the products
+run on tensor cores with operands rounded to tf32 (see rwkvkit.ops.wkv7.triton_chunk for the reasons).
+
+Kernels: _fwd_state (sequential: keeps every chunk's S_0), _fwd_out (chunk-parallel), _bwd_state (sequential,
+backwards: dL/dS at every chunk end), _bwd_chunk (chunk-parallel: all gradients; du summed afterwards).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _check_device, _dot
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+@triton.jit
+def _decay_factors(ww, C: tl.constexpr):
+    rows = tl.arange(0, C)
+    G = tl.cumsum(ww, 0)
+    Gp = G - ww
+    Gend = tl.sum(ww, 0)
+    Gm = tl.sum(tl.where(rows[:, None] == C // 2, G, 0.0), 0)
+    e_gp = tl.exp(Gp)  # r side, against S_0
+    e_gp_m = tl.exp(Gp - Gm[None, :])  # r side, in-chunk pairs
+    e_m_g = tl.exp(Gm[None, :] - G)  # k side, in-chunk pairs
+    e_end_g = tl.exp(Gend[None, :] - G)  # k side, into S_C
+    e_end = tl.exp(Gend)
+    return e_gp, e_gp_m, e_m_g, e_end_g, e_end
+
+
+@triton.jit
+def _fwd_state(
+    w, k, v, s0, states, s_final,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
+):  # fmt: skip
+    """S_C = diag(e^{G_C}) S_0 + K_e^T V, chunk after chunk; every S_0 is kept for the outputs and the backward."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    s_offs = cols_k[:, None] * V + cols_v[None, :]
+    if HAS_S0:
+        S = tl.load(s0 + i_bh * K * V + s_offs).to(tl.float32)
+    else:
+        S = tl.zeros([K, BV], dtype=tl.float32)
+    for i_t in range(n_chunks):
+        tl.store(states + (i_bh * n_chunks + i_t) * K * V + s_offs, S)
+        tok = i_t * C + rows
+        live = (tok < T)[:, None]
+        pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+        pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+        ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+        kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+        vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
+        g_end = tl.sum(ww, 0)
+        k_e = kk * tl.exp(g_end[None, :] - tl.cumsum(ww, 0))
+        S = S * tl.exp(g_end)[:, None] + _dot(tl.trans(k_e), vv, PS)
+    tl.store(s_final + i_bh * K * V + s_offs, S)
+
+
+@triton.jit
+def _pairs(rr, kk, uu, e_gp_m, e_m_g, C: tl.constexpr, PC: tl.constexpr):
+    """M[t, j] = <r_t e^{G_{t-1}-G_j}, k_j> below the diagonal, <r_t, u k_t> on it."""
+    rows = tl.arange(0, C)
+    strict = rows[:, None] > rows[None, :]
+    diag = tl.sum(rr * uu[None, :] * kk, 1)
+    m = tl.where(strict, _dot(rr * e_gp_m, tl.trans(kk * e_m_g), PC), 0.0)
+    return m + tl.where(rows[:, None] == rows[None, :], diag[:, None], 0.0)
+
+
+@triton.jit
+def _fwd_out(
+    r, w, k, v, u, states, y,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
+):  # fmt: skip
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = tl.arange(0, V)
+    tok = i_t * C + rows
+    live = (tok < T)[:, None]
+    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    S0 = tl.load(states + (i_bh * n_chunks + i_t) * K * V + cols_k[:, None] * V + cols_v[None, :])
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+    vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
+    uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
+    e_gp, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
+    m = _pairs(rr, kk, uu, e_gp_m, e_m_g, C, PC)
+    out = _dot(rr * e_gp, S0, PS) + _dot(m, vv, PC)
+    tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _bwd_state(
+    r, w, dy, ds_final, dstates, ds0,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
+):  # fmt: skip
+    """dS_0 = diag(e^{G_C}) dS_C + R~^T dY, walking back; stores dS_C of every chunk."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    s_offs = cols_k[:, None] * V + cols_v[None, :]
+    if HAS_DS_FINAL:
+        dS = tl.load(ds_final + i_bh * K * V + s_offs).to(tl.float32)
+    else:
+        dS = tl.zeros([K, BV], dtype=tl.float32)
+    for i_back in range(n_chunks):
+        i_t = n_chunks - 1 - i_back
+        tl.store(dstates + (i_bh * n_chunks + i_t) * K * V + s_offs, dS)
+        tok = i_t * C + rows
+        live = (tok < T)[:, None]
+        pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+        pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+        rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+        ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+        do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+        r_s = rr * tl.exp(tl.cumsum(ww, 0) - ww)
+        dS = dS * tl.exp(tl.sum(ww, 0))[:, None] + _dot(tl.trans(r_s), do, PS)
+    if WANT_DS0:
+        tl.store(ds0 + i_bh * K * V + s_offs, dS)
+
+
+@triton.jit
+def _bwd_chunk(
+    r, w, k, v, u, dy, states, dstates,
+    dr, dw, dk, dv, du_parts,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
+):  # fmt: skip
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = tl.arange(0, V)
+    tok = i_t * C + rows
+    live = (tok < T)[:, None]
+    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    p_state = (i_bh * n_chunks + i_t) * K * V + cols_k[:, None] * V + cols_v[None, :]
+    S0 = tl.load(states + p_state)
+    dSC = tl.load(dstates + p_state)
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+    vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
+    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+    uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
+    e_gp, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
+    r_s = rr * e_gp
+    r_in = rr * e_gp_m
+    k_in = kk * e_m_g
+    k_e = kk * e_end_g
+    m = _pairs(rr, kk, uu, e_gp_m, e_m_g, C, PC)
+    d_v = _dot(tl.trans(m), do, PC) + _dot(k_e, dSC, PS)
+    d_m = _dot(do, tl.trans(vv), PC)
+    d_m_strict = tl.where(rows[:, None] > rows[None, :], d_m, 0.0)
+    d_diag = tl.sum(tl.where(rows[:, None] == rows[None, :], d_m, 0.0), 1)[:, None]  # dL/d<r_t, u k_t>
+    d_rs = _dot(do, tl.trans(S0), PS)
+    d_rin = _dot(d_m_strict, k_in, PC)
+    d_kin = _dot(tl.trans(d_m_strict), r_in, PC)
+    d_ke = _dot(vv, tl.trans(dSC), PS)
+    tl.store(dr + pk, (d_rs * e_gp + d_rin * e_gp_m + d_diag * uu[None, :] * kk).to(dr.dtype.element_ty), mask=live)
+    tl.store(dk + pk, (d_kin * e_m_g + d_ke * e_end_g + d_diag * uu[None, :] * rr).to(dk.dtype.element_ty), mask=live)
+    tl.store(dv + pv, d_v.to(dv.dtype.element_ty), mask=live)
+    tl.store(du_parts + (i_bh * n_chunks + i_t) * K + cols_k, tl.sum(d_diag * rr * kk, 0))
+    # as in WKV7: each scaled vector feeds +-(dx * x) into its G; the middle-token reference cancels
+    g_cur = -d_kin * k_in - d_ke * k_e  # wrt G_t
+    g_prev = d_rs * r_s + d_rin * r_in  # wrt G_{t-1}
+    g_end = tl.sum(d_ke * k_e, 0) + tl.sum(dSC * S0, 1) * e_end  # wrt G_C
+    d_w = tl.cumsum(g_cur, 0, reverse=True) + tl.cumsum(g_prev, 0, reverse=True) - g_prev + g_end[None, :]
+    tl.store(dw + pk, d_w.to(dw.dtype.element_ty), mask=live)
+
+
+def _shapes(r, v, cfg):
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    return B, T, H, K, V, triton.cdiv(T, cfg.chunk), min(cfg.block_v, V)
+
+
+def _forward(r, w, k, v, u, s0, cfg: KernelConfig):
+    B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
+    ps, pc, _ = cfg.precisions()
+    states = torch.empty(B, H, n_chunks, K, V, device=r.device, dtype=torch.float32)
+    s_final = torch.empty(B, H, K, V, device=r.device, dtype=torch.float32)
+    y = torch.empty_like(v, dtype=r.dtype)
+    _fwd_state[(V // bv, B * H)](
+        w, k, v, s0 if s0 is not None else s_final, states, s_final,
+        T, H, K, V, bv, cfg.chunk, ps, HAS_S0=s0 is not None, num_warps=cfg.warps_seq,
+    )  # fmt: skip
+    _fwd_out[(n_chunks, B * H)](r, w, k, v, u, states, y, T, H, K, V, cfg.chunk, ps, pc, num_warps=cfg.warps_chunk)
+    return y, s_final, states
+
+
+class _WKV6(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, u, s0, cfg):
+        y, s_final, states = _forward(r, w, k, v, u, s0, cfg)
+        ctx.save_for_backward(r, w, k, v, u, states)
+        ctx.cfg = cfg
+        ctx.s0_dtype = None if s0 is None else s0.dtype
+        ctx.set_materialize_grads(False)
+        return y, s_final
+
+    @staticmethod
+    def backward(ctx, dy, ds_final):
+        r, w, k, v, u, states = ctx.saved_tensors
+        cfg = ctx.cfg
+        B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
+        ps, pc, _ = cfg.precisions()
+        dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
+        want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
+        dstates = torch.empty_like(states)
+        ds0 = torch.empty(B, H, K, V, device=r.device, dtype=torch.float32) if want_ds0 else dstates
+        _bwd_state[(V // bv, B * H)](
+            r, w, dy, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
+            T, H, K, V, bv, cfg.chunk, ps,
+            HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, num_warps=cfg.warps_seq,
+        )  # fmt: skip
+        grads = [torch.empty_like(x) for x in (r, w, k, v)]
+        du_parts = torch.empty(B, H, n_chunks, K, device=r.device, dtype=torch.float32)
+        _bwd_chunk[(n_chunks, B * H)](
+            r, w, k, v, u, dy, states, dstates, *grads, du_parts,
+            T, H, K, V, cfg.chunk, ps, pc, num_warps=cfg.warps_chunk,
+        )  # fmt: skip
+        du = du_parts.sum((0, 2)).to(u.dtype)
+        ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
+        return (*grads, du, ds0, None)
+
+
+def _supported(r: torch.Tensor, v: torch.Tensor, cfg: KernelConfig) -> bool:
+    def pow2_at_least_16(n: int) -> bool:
+        return n >= 16 and n & (n - 1) == 0
+
+    K, V = r.shape[-1], v.shape[-1]
+    return pow2_at_least_16(K) and pow2_at_least_16(V) and pow2_at_least_16(cfg.chunk) and K <= 128 and V <= 128
+
+
+def wkv6_triton(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    config: KernelConfig = DEFAULT_CONFIG,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `rwkvkit.ops.wkv6.wkv6`: [B, T, H, N] inputs, w = log decay, u [H, N_k],
+    state [B, H, N_k, N_v] float32. Returns y in r's dtype and the final state in float32; differentiable in all
+    inputs and initial_state. Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
+    """
+    _check_device(r)
+    if not _supported(r, v, config):
+        from rwkvkit.ops.wkv6 import wkv6
+
+        return wkv6(r, w, k, v, u, initial_state, impl="chunked")
+    r, w, k, v, u = (x.contiguous() for x in (r, w, k, v, u))
+    s0 = None if initial_state is None else initial_state.contiguous()
+    tensors = (r, w, k, v, u) + (() if s0 is None else (s0,))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return _WKV6.apply(r, w, k, v, u, s0, config)
+    y, s_final, _ = _forward(r, w, k, v, u, s0, config)
+    return y, s_final

@@ -1,0 +1,529 @@
+"""Chunked RWKV-7 WKV in Triton: forward and backward, optional initial state, final state out.
+
+Per head, with the state S [N_v, N_k] (value-major) and G_t = w_1 + ... + w_t the in-chunk cumulative log decay,
+the recurrence S_t = S_{t-1} diag(e^{w_t}) + (S_{t-1} a_t) b_t^T + v_t k_t^T over a chunk of C tokens that starts
+from S_0 has a closed form. With u_t = S_{t-1} a_t (the "removal" vector, [N_v]):
+
+    u_t = S_0 (a_t e^{G_{t-1}}) + sum_{j<t}  u_j <a_t, b_j e^{G_{t-1}-G_j}> + v_j <a_t, k_j e^{G_{t-1}-G_j}>
+    y_t = S_0 (r_t e^{G_t})     + sum_{j<=t} u_j <r_t, b_j e^{G_t-G_j}>     + v_j <r_t, k_j e^{G_t-G_j}>
+    S_C = S_0 diag(e^{G_C})     + sum_j (u_j b_j^T + v_j k_j^T) diag(e^{G_C-G_j})
+
+The first line is a unit lower-triangular system, U = (I - M_ab)^{-1} (A~ S_0^T + M_ak V), solved with the product
+(I + L)(I + L^2)(I + L^4)... of the strictly lower (hence nilpotent) L = M_ab. Everything else is small matrix
+products, so a chunk costs a handful of tl.dot calls and only the chunk-to-chunk state walk is sequential.
+
+The pair exponent e^{G_t - G_j} is split as e^{G_t - G_m} e^{G_m - G_j} around the chunk's middle token m, so the
+factors stay finite while the log decay summed over half a chunk stays above about -80 (RWKV-7 models have
+w >= -e^{-0.5} per token, i.e. -5 per half chunk of 16). Loads, exponentials and accumulation are float32; by
+default the products run on tensor cores with operands rounded to tf32 (KernelConfig says how to change that).
+
+Kernels, "chunk-parallel" ones with one program per (chunk, batch*head), "sequential" ones with one program per
+(value block, batch*head) walking the chunks with the state in registers:
+  _fwd_prep  (chunk-parallel) the state-free parts of U: wa = solve A~ and uv = solve M_ak V
+  _fwd_state (sequential)     U = uv + wa S_0^T and the next state; keeps every chunk's S_0 and U for later
+  _fwd_out   (chunk-parallel) y from S_0, U and the in-chunk pairs
+  _bwd_prep  (chunk-parallel) the state-free parts of dW = solve^T dU
+  _bwd_state (sequential)     dW and dL/dS at every chunk end (and dL/dS_0 for initial_state), walking back
+  _bwd_chunk (chunk-parallel) all input gradients of a chunk from S_0, dS_C, U and dW
+Padding tokens past T load as zeros (w = 0: decay 1, no update), so a partial last chunk needs no special case.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+class KernelConfig(NamedTuple):
+    """Tuning knobs. A precision is how tl.dot treats float32 operands: "ieee" (exact float32, slow on the GPU),
+    "tf32r" (operands rounded to tf32, then tensor cores), "tf32" (tensor cores on truncated operands) or "tf32x3",
+    set separately for the products with the state (or its gradient), the other in-chunk products, and the solve."""
+
+    chunk: int = 16  # tokens per chunk (power of two >= 16)
+    precision_state: str = "tf32r"
+    precision_chunk: str = "tf32r"
+    precision_solve: str = "tf32r"
+    block_v: int = 32  # value rows per program in the sequential walks
+    warps_seq: int = 4
+    warps_chunk: int = 4
+    warps_grad: int = 8  # _bwd_chunk: 8 warps measured 22% faster than 4 on an H100 (fewer spills)
+    round_once: bool = True  # tf32r in the gradient kernel: round each operand once, not in every product
+
+    def precisions(self) -> tuple[str, str, str]:
+        return self.precision_state, self.precision_chunk, self.precision_solve
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+@triton.jit
+def _round_to_tf32(x):
+    """Round float32 to the nearest tf32 (10-bit mantissa, ties away from zero) by bit arithmetic."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(x, y, PREC: tl.constexpr):
+    """tl.dot of float32 tiles; "tf32r" rounds the operands to tf32 first, since the tensor cores truncate them
+    (a bias that measured 1.8x the bf16 error floor in da and db, against about 1.1x with rounding)."""
+    if PREC == "tf32r":
+        return tl.dot(_round_to_tf32(x), _round_to_tf32(y), input_precision="tf32")
+    else:
+        return tl.dot(x, y, input_precision=PREC)
+
+
+@triton.jit
+def _decay_factors(ww, C: tl.constexpr):
+    """Exponentials of the in-chunk cumulative log decay, split around the middle token (see module doc)."""
+    rows = tl.arange(0, C)
+    G = tl.cumsum(ww, 0)  # G_t, inclusive
+    Gp = G - ww  # G_{t-1}
+    Gend = tl.sum(ww, 0)  # G_C, [K]
+    Gm = tl.sum(tl.where(rows[:, None] == C // 2, G, 0.0), 0)
+    e_g = tl.exp(G)  # r side, against S_0
+    e_gp = tl.exp(Gp)  # a side, against S_0
+    e_g_m = tl.exp(G - Gm[None, :])  # r side, in-chunk pairs
+    e_gp_m = tl.exp(Gp - Gm[None, :])  # a side, in-chunk pairs
+    e_m_g = tl.exp(Gm[None, :] - G)  # k and b side, in-chunk pairs
+    e_end_g = tl.exp(Gend[None, :] - G)  # k and b side, into S_C
+    e_end = tl.exp(Gend)  # S_0 into S_C
+    return e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end
+
+
+@triton.jit
+def _pair_matrix(x, y, INCLUSIVE: tl.constexpr, C: tl.constexpr, PC: tl.constexpr):
+    """M[t, j] = <x_t, y_j> for j < t (j <= t when INCLUSIVE), zero elsewhere."""
+    rows = tl.arange(0, C)
+    if INCLUSIVE:
+        keep = rows[:, None] >= rows[None, :]
+    else:
+        keep = rows[:, None] > rows[None, :]
+    return tl.where(keep, _dot(x, tl.trans(y), PC), 0.0)
+
+
+@triton.jit
+def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexpr):
+    """(I - L)^{-1} for strictly lower-triangular L [C, C]: (I + L)(I + L^2)(I + L^4)... as L^C = 0."""
+    rows = tl.arange(0, C)
+    inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0) + L
+    power = L
+    for _ in tl.static_range(LOG2C - 1):
+        power = _dot(power, power, PI)
+        inv = inv + _dot(inv, power, PI)
+    return inv
+
+
+@triton.jit
+def _fwd_prep(
+    w, k, v, a, b, wa, uv,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr,
+):  # fmt: skip
+    """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = tl.arange(0, V)
+    tok = i_t * C + rows
+    live = (tok < T)[:, None]
+    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    scratch = i_bh * tl.cdiv(T, C) * C + tok[:, None]
+    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+    aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
+    bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
+    vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
+    e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
+    a_in = aa * e_gp_m
+    m_ab = _pair_matrix(a_in, bb * e_m_g, False, C, PC)
+    m_ak = _pair_matrix(a_in, kk * e_m_g, False, C, PC)
+    solve = _unit_lower_inverse(m_ab, C, LOG2C, PI)
+    tl.store(wa + scratch * K + cols_k[None, :], _dot(solve, aa * e_gp, PC))
+    m_ak_v = _dot(m_ak, vv, PC)
+    tl.store(uv + scratch * V + cols_v[None, :], _dot(solve, m_ak_v, PC))
+
+
+@triton.jit
+def _fwd_state(
+    w, k, v, b, wa, uv, u, s0, states, s_final,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
+):  # fmt: skip
+    """The sequential part: walk the chunks, U = uv + wa S_0^T, S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    s_offs = cols_v[:, None] * K + cols_k[None, :]
+    if HAS_S0:
+        S = tl.load(s0 + i_bh * V * K + s_offs).to(tl.float32)
+    else:
+        S = tl.zeros([BV, K], dtype=tl.float32)
+    for i_t in range(n_chunks):
+        tl.store(states + (i_bh * n_chunks + i_t) * V * K + s_offs, S)
+        tok = i_t * C + rows
+        live = (tok < T)[:, None]
+        pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+        pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+        scratch = i_bh * n_chunks * C + tok[:, None]
+        ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+        kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+        bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
+        vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
+        w_a = tl.load(wa + scratch * K + cols_k[None, :])
+        U = tl.load(uv + scratch * V + cols_v[None, :])
+        G = tl.cumsum(ww, 0)
+        g_end = tl.sum(ww, 0)
+        e_end_g = tl.exp(g_end[None, :] - G)
+        U += _dot(w_a, tl.trans(S), PS)
+        tl.store(u + scratch * V + cols_v[None, :], U)
+        S = S * tl.exp(g_end)[None, :]
+        S += _dot(tl.trans(U), bb * e_end_g, PS)
+        S += _dot(tl.trans(vv), kk * e_end_g, PS)
+    tl.store(s_final + i_bh * V * K + s_offs, S)
+
+
+@triton.jit
+def _fwd_out(
+    r, w, k, v, b, u, states, y,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
+):  # fmt: skip
+    """y = R~ S_0^T + M_rb U + M_rk V for one chunk."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = tl.arange(0, V)
+    tok = i_t * C + rows
+    live = (tok < T)[:, None]
+    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    scratch = i_bh * n_chunks * C + tok[:, None]
+    S0 = tl.load(states + (i_bh * n_chunks + i_t) * V * K + cols_v[:, None] * K + cols_k[None, :])
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+    bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
+    vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
+    U = tl.load(u + scratch * V + cols_v[None, :])
+    e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
+    r_in = rr * e_g_m
+    m_rb = _pair_matrix(r_in, bb * e_m_g, True, C, PC)
+    m_rk = _pair_matrix(r_in, kk * e_m_g, True, C, PC)
+    out = _dot(rr * e_g, tl.trans(S0), PS)
+    out += _dot(m_rb, U, PC) + _dot(m_rk, vv, PC)
+    tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _bwd_prep(
+    r, w, a, b, dy, p1, wb,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr,
+):  # fmt: skip
+    """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = tl.arange(0, V)
+    tok = i_t * C + rows
+    live = (tok < T)[:, None]
+    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    scratch = i_bh * tl.cdiv(T, C) * C + tok[:, None]
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
+    bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
+    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+    e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
+    b_in = bb * e_m_g
+    m_ab = _pair_matrix(aa * e_gp_m, b_in, False, C, PC)
+    m_rb = _pair_matrix(rr * e_g_m, b_in, True, C, PC)
+    solve_t = tl.trans(_unit_lower_inverse(m_ab, C, LOG2C, PI))
+    du_y = _dot(tl.trans(m_rb), do, PC)
+    tl.store(p1 + scratch * V + cols_v[None, :], _dot(solve_t, du_y, PC))
+    tl.store(wb + scratch * K + cols_k[None, :], _dot(solve_t, bb * e_end_g, PC))
+
+
+@triton.jit
+def _bwd_state(
+    r, w, a, dy, p1, wb, dw_u, ds_final, dstates, ds0,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
+):  # fmt: skip
+    """dL/dS at each chunk end, walking back: dW = p1 + wb dS_C^T, dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = i_v * BV + tl.arange(0, BV)
+    s_offs = cols_v[:, None] * K + cols_k[None, :]
+    if HAS_DS_FINAL:
+        dS = tl.load(ds_final + i_bh * V * K + s_offs).to(tl.float32)
+    else:
+        dS = tl.zeros([BV, K], dtype=tl.float32)
+    for i_back in range(n_chunks):
+        i_t = n_chunks - 1 - i_back
+        tl.store(dstates + (i_bh * n_chunks + i_t) * V * K + s_offs, dS)
+        tok = i_t * C + rows
+        live = (tok < T)[:, None]
+        pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+        pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+        scratch = i_bh * n_chunks * C + tok[:, None]
+        rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+        ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+        aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
+        do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+        w_b = tl.load(wb + scratch * K + cols_k[None, :])
+        dW = tl.load(p1 + scratch * V + cols_v[None, :])
+        G = tl.cumsum(ww, 0)
+        dW += _dot(w_b, tl.trans(dS), PS)
+        tl.store(dw_u + scratch * V + cols_v[None, :], dW)
+        dS = dS * tl.exp(tl.sum(ww, 0))[None, :]
+        dS += _dot(tl.trans(do), rr * tl.exp(G), PS)
+        dS += _dot(tl.trans(dW), aa * tl.exp(G - ww), PS)
+    if WANT_DS0:
+        tl.store(ds0 + i_bh * V * K + s_offs, dS)
+
+
+@triton.jit
+def _bwd_chunk(
+    r, w, k, v, a, b, dy, u, dw_u, states, dstates,
+    dr, dw, dk, dv, da, db,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
+):  # fmt: skip
+    """All input gradients of one chunk, from S_0, dS_C and the forward's U and the backward's dW.
+
+    ROUND_ONCE (for "tf32r"): round every operand to tf32 once where it is made, and multiply with plain "tf32",
+    rather than rounding again inside each of the 21 products (which keeps two copies of many tiles alive)."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = tl.arange(0, V)
+    tok = i_t * C + rows
+    live = (tok < T)[:, None]
+    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    scratch = (i_bh * n_chunks * C + tok[:, None]) * V + cols_v[None, :]
+    p_state = (i_bh * n_chunks + i_t) * V * K + cols_v[:, None] * K + cols_k[None, :]
+    S0 = tl.load(states + p_state)
+    dSC = tl.load(dstates + p_state)
+    U = tl.load(u + scratch)
+    dW = tl.load(dw_u + scratch)
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+    aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
+    bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
+    vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
+    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+    e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
+    r_s = rr * e_g
+    a_s = aa * e_gp
+    r_in = rr * e_g_m
+    a_in = aa * e_gp_m
+    k_in = kk * e_m_g
+    b_in = bb * e_m_g
+    k_e = kk * e_end_g
+    b_e = bb * e_end_g
+    if ROUND_ONCE:
+        S0 = _round_to_tf32(S0)
+        dSC = _round_to_tf32(dSC)
+        U = _round_to_tf32(U)
+        dW = _round_to_tf32(dW)
+        vv = _round_to_tf32(vv)
+        do = _round_to_tf32(do)
+        r_in = _round_to_tf32(r_in)
+        a_in = _round_to_tf32(a_in)
+        k_in = _round_to_tf32(k_in)
+        b_in = _round_to_tf32(b_in)
+        k_e = _round_to_tf32(k_e)
+    m_ak = _pair_matrix(a_in, k_in, False, C, PC)
+    m_rk = _pair_matrix(r_in, k_in, True, C, PC)
+    if ROUND_ONCE:
+        m_ak = _round_to_tf32(m_ak)
+        m_rk = _round_to_tf32(m_rk)
+    # back through y = R~ S_0^T + M_rb U + M_rk V, S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e, U = solve rhs
+    d_v = _dot(tl.trans(m_rk), do, PC) + _dot(tl.trans(m_ak), dW, PC)
+    d_v += _dot(k_e, tl.trans(dSC), PS)
+    incl = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    d_mrb = tl.where(incl, _dot(do, tl.trans(U), PC), 0.0)
+    d_mrk = tl.where(incl, _dot(do, tl.trans(vv), PC), 0.0)
+    d_mab = tl.where(strict, _dot(dW, tl.trans(U), PC), 0.0)
+    d_mak = tl.where(strict, _dot(dW, tl.trans(vv), PC), 0.0)
+    if ROUND_ONCE:
+        d_mrb = _round_to_tf32(d_mrb)
+        d_mrk = _round_to_tf32(d_mrk)
+        d_mab = _round_to_tf32(d_mab)
+        d_mak = _round_to_tf32(d_mak)
+    d_rs = _dot(do, S0, PS)
+    d_as = _dot(dW, S0, PS)
+    d_rin = _dot(d_mrb, b_in, PC) + _dot(d_mrk, k_in, PC)
+    d_ain = _dot(d_mab, b_in, PC) + _dot(d_mak, k_in, PC)
+    d_bin = _dot(tl.trans(d_mrb), r_in, PC)
+    d_bin += _dot(tl.trans(d_mab), a_in, PC)
+    d_kin = _dot(tl.trans(d_mrk), r_in, PC)
+    d_kin += _dot(tl.trans(d_mak), a_in, PC)
+    d_be = _dot(U, dSC, PS)
+    d_ke = _dot(vv, dSC, PS)
+    tl.store(dr + pk, (d_rs * e_g + d_rin * e_g_m).to(dr.dtype.element_ty), mask=live)
+    tl.store(da + pk, (d_as * e_gp + d_ain * e_gp_m).to(da.dtype.element_ty), mask=live)
+    tl.store(dk + pk, (d_kin * e_m_g + d_ke * e_end_g).to(dk.dtype.element_ty), mask=live)
+    tl.store(db + pk, (d_bin * e_m_g + d_be * e_end_g).to(db.dtype.element_ty), mask=live)
+    tl.store(dv + pv, d_v.to(dv.dtype.element_ty), mask=live)
+    # Each scaled vector x e^{+-G} feeds +-(dx * x) back into that G; the middle-token reference G_m cancels
+    # exactly in every pair, so it gets no gradient.
+    g_cur = d_rs * r_s + d_rin * r_in - d_kin * k_in - d_bin * b_in - d_ke * k_e - d_be * b_e  # wrt G_t
+    g_prev = d_as * a_s + d_ain * a_in  # wrt G_{t-1}
+    g_end = tl.sum(d_ke * k_e + d_be * b_e, 0) + tl.sum(dSC * S0, 0) * e_end  # wrt G_C
+    # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C
+    d_w = tl.cumsum(g_cur, 0, reverse=True) + tl.cumsum(g_prev, 0, reverse=True) - g_prev + g_end[None, :]
+    tl.store(dw + pk, d_w.to(dw.dtype.element_ty), mask=live)
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig):
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    C = cfg.chunk
+    n_chunks = triton.cdiv(T, C)
+    bv = min(cfg.block_v, V)
+    ps, pc, pi = cfg.precisions()
+    f32 = dict(device=r.device, dtype=torch.float32)
+    wa = torch.empty(B, H, n_chunks * C, K, **f32)
+    uv = torch.empty(B, H, n_chunks * C, V, **f32)
+    u = torch.empty(B, H, n_chunks * C, V, **f32)
+    states = torch.empty(B, H, n_chunks, V, K, **f32)
+    s_final = torch.empty(B, H, V, K, **f32)
+    y = torch.empty_like(v, dtype=r.dtype)
+    chunks = (n_chunks, B * H)
+    _fwd_prep[chunks](w, k, v, a, b, wa, uv, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
+    _fwd_state[(V // bv, B * H)](
+        w, k, v, b, wa, uv, u, s0 if s0 is not None else s_final, states, s_final,
+        T, H, K, V, bv, C, ps, HAS_S0=s0 is not None, num_warps=cfg.warps_seq,
+    )  # fmt: skip
+    _fwd_out[chunks](r, w, k, v, b, u, states, y, T, H, K, V, C, ps, pc, num_warps=cfg.warps_chunk)
+    return y, s_final, states, u
+
+
+class _WKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0, cfg):
+        y, s_final, states, u = _forward(r, w, k, v, a, b, s0, cfg)
+        ctx.save_for_backward(r, w, k, v, a, b, states, u)
+        ctx.cfg = cfg
+        ctx.s0_dtype = None if s0 is None else s0.dtype
+        ctx.set_materialize_grads(False)
+        return y, s_final
+
+    @staticmethod
+    def backward(ctx, dy, ds_final):
+        r, w, k, v, a, b, states, u = ctx.saved_tensors
+        cfg = ctx.cfg
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        C = cfg.chunk
+        n_chunks = triton.cdiv(T, C)
+        bv = min(cfg.block_v, V)
+        ps, pc, pi = cfg.precisions()
+        dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
+        want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[6]
+        p1 = torch.empty_like(u)
+        dw_u = torch.empty_like(u)
+        wb = torch.empty(B, H, n_chunks * C, K, device=r.device, dtype=torch.float32)
+        dstates = torch.empty_like(states)
+        ds0 = torch.empty(B, H, V, K, device=r.device, dtype=torch.float32) if want_ds0 else dstates
+        chunks = (n_chunks, B * H)
+        _bwd_prep[chunks](r, w, a, b, dy, p1, wb, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
+        _bwd_state[(V // bv, B * H)](
+            r, w, a, dy, p1, wb, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
+            T, H, K, V, bv, C, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, num_warps=cfg.warps_seq,
+        )  # fmt: skip
+        grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
+        round_once = cfg.round_once and ps == pc == "tf32r"
+        ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
+        _bwd_chunk[chunks](
+            r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads,
+            T, H, K, V, C, ps_c, pc_c, round_once, num_warps=cfg.warps_grad,
+        )  # fmt: skip
+        ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
+        return (*grads, ds0, None)
+
+
+def _check_device(x: torch.Tensor) -> None:
+    """Triton kernels take GPU tensors; on the CPU only its interpreter (TRITON_INTERPRET=1, for tests) runs them."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        from rwkvkit.errors import ConfigError
+
+        raise ConfigError("the triton WKV kernels need CUDA tensors; use impl='chunked' on the CPU")
+
+
+def _supported(r: torch.Tensor, v: torch.Tensor, cfg: KernelConfig) -> bool:
+    def pow2_at_least_16(n: int) -> bool:
+        return n >= 16 and n & (n - 1) == 0
+
+    K, V = r.shape[-1], v.shape[-1]
+    return pow2_at_least_16(K) and pow2_at_least_16(V) and pow2_at_least_16(cfg.chunk) and K <= 128 and V <= 128
+
+
+def wkv7_triton(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    config: KernelConfig = DEFAULT_CONFIG,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `rwkvkit.ops.wkv7.wkv7`: [B, T, H, N] inputs, w = log decay, state [B, H, N_v, N_k] fp32.
+
+    Returns y in r's dtype and the final state in float32; differentiable in all inputs and initial_state.
+    Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
+    """
+    _check_device(r)
+    if not _supported(r, v, config):
+        from rwkvkit.ops.wkv7 import wkv7
+
+        return wkv7(r, w, k, v, a, b, initial_state, impl="chunked")
+    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+    s0 = None if initial_state is None else initial_state.contiguous()
+    tensors = (r, w, k, v, a, b) + (() if s0 is None else (s0,))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return _WKV7.apply(r, w, k, v, a, b, s0, config)
+    y, s_final, _, _ = _forward(r, w, k, v, a, b, s0, config)
+    return y, s_final

@@ -1,0 +1,98 @@
+"""The Triton WKV6 kernels against the naive recurrence: values, final state and every gradient (u included).
+
+Without a GPU the same kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1) at tiny shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    # The interpreter is chosen when each @triton.jit runs, triton's own library included: ask before importing.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+if not ON_GPU:
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(standard.cdiv, InterpretedFunction):
+        reason = "triton was imported before TRITON_INTERPRET=1 was set; run this file alone"
+        pytest.skip(reason, allow_module_level=True)
+    for module in ("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk"):
+        if module in sys.modules:
+            importlib.reload(sys.modules[module])
+
+from rwkvkit.ops.wkv6 import triton_chunk  # noqa: E402
+from rwkvkit.ops.wkv6.naive import wkv6_naive  # noqa: E402
+from rwkvkit.ops.wkv7.triton_chunk import KernelConfig  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+HEAD = 64 if ON_GPU else 16
+# float32 products everywhere, so the kernels must match the naive loop to float32 rounding
+EXACT = KernelConfig(precision_state="ieee", precision_chunk="ieee", precision_solve="ieee", block_v=16)
+NAMES = ["y", "final_state", "dr", "dw", "dk", "dv", "du", "d_initial_state"]
+
+
+def rwkv6_like_inputs(B, T, H, N, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
+    w = -torch.exp(randn(B, T, H, N) * 0.5 - 1.0)  # RWKV-6: w = -exp(time_decay + lora)
+    u = randn(H, N) * 0.5
+    state = randn(B, H, N, N) * 0.5
+    return [x.to(DEVICE) for x in (r, w, k, v, u)], state.to(DEVICE)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def run(fn, inputs, state, dy, ds):
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    s0 = None if state is None else state.clone().requires_grad_()
+    y, s_final = fn(*leaves, s0)
+    torch.autograd.backward((y, s_final), (dy, ds))
+    return [y, s_final] + [x.grad for x in leaves] + ([] if s0 is None else [s0.grad])
+
+
+@pytest.mark.parametrize("T, with_state", [(37, True), (16, False), (5, True)])
+def test_matches_naive_float32(T, with_state, monkeypatch):
+    inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=T)
+    state = state if with_state else None
+    dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
+    want = run(wkv6_naive, inputs, state, dy, ds)
+    # every buffer the kernels fill starts as NaN, so an element they forget to write shows up
+    for name in ("empty", "empty_like"):
+        alloc = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=EXACT), inputs, state, dy, ds)
+    monkeypatch.undo()
+    assert len(got) == len(want) == (8 if with_state else 7)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == w.dtype, name
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) < 2e-5, name
+
+
+def test_default_config_bf16():
+    """bf16 in, bf16 out, float32 state; the default (tf32-rounded tensor-core products) is close to the loop."""
+    inputs, state = rwkv6_like_inputs(1, 29, 2, HEAD, seed=5)
+    inputs = [x.bfloat16() for x in inputs[:4]] + [inputs[4]]
+    with torch.no_grad():
+        y, s_final = triton_chunk.wkv6_triton(*inputs, state)
+    assert y.dtype == torch.bfloat16 and s_final.dtype == torch.float32
+    y_ref, s_ref = wkv6_naive(*inputs, state)
+    assert rel_err(y, y_ref) < 1e-2
+    assert rel_err(s_final, s_ref) < 2e-3

@@ -1,0 +1,151 @@
+"""The Triton WKV7 kernels against the naive recurrence: values, final state and every gradient.
+
+Without a GPU the same kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1) at tiny shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    # The interpreter is chosen when each @triton.jit runs, triton's own library included: ask before importing.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+if not ON_GPU:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.language import standard
+
+    if not isinstance(standard.cdiv, InterpretedFunction):
+        reason = "triton was imported before TRITON_INTERPRET=1 was set; run this file alone"
+        pytest.skip(reason, allow_module_level=True)
+    MODULE = "rwkvkit.ops.wkv7.triton_chunk"
+    if MODULE in sys.modules:
+        importlib.reload(sys.modules[MODULE])
+
+from rwkvkit.ops.wkv7 import triton_chunk  # noqa: E402
+from rwkvkit.ops.wkv7.naive import wkv7_naive  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+HEAD = 64 if ON_GPU else 16
+
+
+def rwkv7_like_inputs(B, T, H, N, dtype, seed):
+    """Inputs shaped like a real RWKV-7 layer's: decay in (e^{-e^{-0.5}}, 1), a = -kk, b = kk * iclr, |kk| = 1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
+    w = -torch.exp(-torch.nn.functional.softplus(-randn(B, T, H, N)) - 0.5)
+    kk = torch.nn.functional.normalize(randn(B, T, H, N), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(randn(B, T, H, N))
+    state = randn(B, H, N, N) * 0.5
+    return [x.to(DEVICE, dtype) for x in (r, w, k, v, a, b)], state.to(DEVICE)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def run(fn, inputs, state, dy, ds):
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    s0 = None if state is None else state.clone().requires_grad_()
+    y, s_final = fn(*leaves, s0)
+    torch.autograd.backward((y, s_final), (dy, ds))
+    grads = [x.grad for x in leaves] + ([] if s0 is None else [s0.grad])
+    return [y, s_final, *grads]
+
+
+# float32 products everywhere, so the kernels must match the naive loop to float32 rounding
+EXACT = dict(precision_state="ieee", precision_chunk="ieee", precision_solve="ieee", block_v=16)
+
+NAMES = ["y", "final_state", "dr", "dw", "dk", "dv", "da", "db", "d_initial_state"]
+
+
+@pytest.mark.parametrize(
+    "T, with_state, chunk",
+    [(37, True, 16), (16, False, 16), (5, False, 16), (45, True, 32)],
+)
+def test_matches_naive_float32(T, with_state, chunk, monkeypatch):
+    inputs, state = rwkv7_like_inputs(2, T, 2, HEAD, torch.float32, seed=T)
+    state = state if with_state else None
+    dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
+    cfg = triton_chunk.KernelConfig(chunk=chunk, **EXACT)
+    want = run(wkv7_naive, inputs, state, dy, ds)
+    # every buffer the kernels fill starts as NaN, so an element they forget to write shows up
+    nan_filled = {name: getattr(torch, name) for name in ("empty", "empty_like")}
+    for name, alloc in nan_filled.items():
+        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    got = run(lambda *x: triton_chunk.wkv7_triton(*x, config=cfg), inputs, state, dy, ds)
+    monkeypatch.undo()
+    assert len(got) == len(want) == (9 if with_state else 8)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == w.dtype, name
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) < 2e-5, name
+
+
+def test_default_config_float32_within_tf32_rounding():
+    """The default (tensor-core products on tf32-rounded operands) stays within a few 1e-4 of the naive loop."""
+    T = 29
+    inputs, state = rwkv7_like_inputs(1, T, 2, HEAD, torch.float32, seed=5)
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
+    got = run(triton_chunk.wkv7_triton, inputs, state, dy, ds)
+    want = run(wkv7_naive, inputs, state, dy, ds)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 3e-3, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_give_half_outputs(dtype):
+    """16-bit inputs give y in that dtype and a float32 state, close to the float32 loop on the same inputs."""
+    inputs, state = rwkv7_like_inputs(1, 23, 2, HEAD, dtype, seed=1)
+    with torch.no_grad():
+        y, s_final = triton_chunk.wkv7_triton(*inputs, state)
+    assert y.dtype == dtype and s_final.dtype == torch.float32
+    y_ref, s_ref = wkv7_naive(*inputs, state)
+    assert rel_err(y, y_ref) < 1e-2
+    assert rel_err(s_final, s_ref) < 2e-3
+
+
+def test_no_grad_path_matches_and_inputs_untouched():
+    inputs, state = rwkv7_like_inputs(1, 19, 1, HEAD, torch.float32, seed=2)
+    before = [x.clone() for x in inputs] + [state.clone()]
+    with torch.no_grad():
+        y, s_final = triton_chunk.wkv7_triton(*inputs, state, config=triton_chunk.KernelConfig(**EXACT))
+    y_ref, s_ref = wkv7_naive(*inputs, state)
+    assert rel_err(y, y_ref) < 2e-5 and rel_err(s_final, s_ref) < 2e-5
+    for x, x0 in zip(inputs + [state], before):
+        assert torch.equal(x, x0)
+
+
+def test_state_chains_across_calls():
+    """Running T tokens at once equals running them in two calls that hand the state over."""
+    inputs, _ = rwkv7_like_inputs(1, 40, 1, HEAD, torch.float32, seed=3)
+    cfg = triton_chunk.KernelConfig(**EXACT)
+    with torch.no_grad():
+        y_all, s_all = triton_chunk.wkv7_triton(*inputs, config=cfg)
+        y1, s1 = triton_chunk.wkv7_triton(*(x[:, :17] for x in inputs), config=cfg)
+        y2, s2 = triton_chunk.wkv7_triton(*(x[:, 17:] for x in inputs), s1, config=cfg)
+    assert rel_err(torch.cat([y1, y2], 1), y_all) < 2e-5
+    assert rel_err(s2, s_all) < 2e-5
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    from rwkvkit.errors import ConfigError
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    inputs, _ = rwkv7_like_inputs(1, 4, 1, HEAD, torch.float32, seed=4)
+    with pytest.raises(ConfigError, match="CUDA"):
+        triton_chunk.wkv7_triton(*(x.cpu() for x in inputs))
