@@ -1,0 +1,112 @@
+"""Training throughput (tokens/s) and peak memory of one `rwkvkit pretrain` configuration, on random tokens.
+
+    python benchmarks/train_throughput.py --config configs/v7-0.1b.yaml --data.ctx_len 4096 --train.micro_bsz 8
+    python benchmarks/train_throughput.py --config configs/v7-tiny-cpu.yaml --steps 5 --json out.json
+
+It runs the trainer's own pieces (the loss module, AdamW groups, clipping, autocast, activation checkpointing),
+so the number is what `rwkvkit pretrain` gets minus data loading (which is a memory map and negligible). Any
+`rwkvkit pretrain` flag works; the data file is not needed. GPU: bf16 autocast by default (`--train.precision`).
+The WKV op is whatever `rwkvkit.ops` dispatches to on that device (plain PyTorch until a kernel lands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, compile, caches)")
+    ap.add_argument("--json", default=None, help="also write the result to this file")
+    ap.add_argument("-h", "--help", action="store_true")
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.help:
+        ap.print_help()
+        print("\nplus every `rwkvkit pretrain` option (rwkvkit pretrain --help)")
+        return {}
+
+    from rwkvkit.models import RWKVConfig, build_model
+    from rwkvkit.train.loop import LMObjective, matmul_flops_per_token, peak_flops
+    from rwkvkit.train.optim import build_optimizer, set_lr
+    from rwkvkit.train.parallel import checkpoint_blocks, setup
+    from rwkvkit.train.pretrain import parse_config
+
+    cfg = parse_config(rest)
+    info = setup(cfg.train.device)
+    dev = info.device
+    m, t = cfg.model, cfg.train
+    mc = RWKVConfig(m.version, m.n_layer, m.n_embd, m.vocab_size, head_size=m.head_size, dim_ffn=m.dim_ffn)
+    torch.manual_seed(0)
+    model = build_model(mc, init=True).to(dev)
+    if t.compile:
+        for block in model.blocks:
+            block.compile()
+    if t.grad_cp:
+        checkpoint_blocks(model)
+    precision = t.precision if t.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    objective = LMObjective(model, t.head_chunk, dtype)
+    opt = build_optimizer(model.named_parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-18, weight_decay=0.1)
+    set_lr(opt, 1e-4)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    B, T = t.micro_bsz, cfg.data.ctx_len
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, m.vocab_size, (B, T + 1), generator=gen).to(dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = objective(data[:, :-1], data[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync()
+    dt = time.perf_counter() - t0
+    tps = args.steps * B * T / dt
+    result = {
+        "model": f"RWKV-{m.version} L{m.n_layer} D{m.n_embd} V{m.vocab_size}",
+        "params": sum(p.numel() for p in model.parameters()),
+        "ctx_len": T, "micro_bsz": B, "precision": precision, "grad_cp": t.grad_cp, "compile": t.compile,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, "
+                                                                             f"{platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "tokens_per_s": round(tps, 1), "step_time_s": round(dt / args.steps, 4),
+        "final_loss": round(loss.item(), 4),
+    }
+    if dev.type == "cuda":
+        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
+        peak = peak_flops(dev)
+        if peak:
+            result["mfu"] = round(tps * matmul_flops_per_token(model) / peak, 4)
+    else:  # the process's peak resident set (Linux reports KiB)
+        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
