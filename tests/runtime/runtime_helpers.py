@@ -1,0 +1,47 @@
+"""Helpers for the runtime tests: tiny official-layout checkpoints and the official package as an oracle."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _models_conftest():
+    """The official-layout checkpoint builder of tests/models (written from the shape tables, not from our models)."""
+    spec = importlib.util.spec_from_file_location("_models_checkpoints", HERE.parent / "models" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+official_state_dict = _models_conftest().official_state_dict
+
+
+def run_official(workdir: Path, models: dict[str, Path], prompt: list[int], steps: list[int]) -> dict:
+    """The official package's results for {version: checkpoint}: logits of the prompt (full_output) and of each
+    one-token step, and the final flat state. v7 and v4-v6 run in two processes at once."""
+    pytest.importorskip("rwkv")
+    procs = {}
+    for v7 in (False, True):
+        chosen = {v: str(p.with_suffix("")) for v, p in models.items() if (v == "7") == v7}
+        if not chosen:
+            continue
+        spec = workdir / f"official_spec_{v7}.json"
+        spec.write_text(json.dumps({"v7": v7, "prompt": prompt, "steps": steps, "models": chosen}))
+        out = workdir / f"official_out_{v7}.pt"
+        cmd = [sys.executable, str(HERE / "official_runner.py"), str(spec), str(out)]
+        procs[out] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for out, proc in procs.items():
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-2000:]
+        results.update(torch.load(out))
+    return results
