@@ -118,7 +118,7 @@ def main() -> None:
             methods.append(("make_data.py approach (pure-Python trie, 1 process)", "baseline",
                             [sys.executable, __file__, "--baseline-only", str(src), f"{tmp}/baseline"]))
         for w in args.workers:
-            name = "in-process (native encoder threads)" if w == 1 else f"{w} worker processes"
+            name = "1 process (native encoder threads)" if w == 1 else f"{w} processes (this one + {w - 1} spawned)"
             methods.append((f"rwkvkit prepare, {name}", f"ours{w}",
                             rwkvkit + [str(src), "--out", f"{tmp}/ours{w}", "--workers", str(w), "--quiet"]))
         rows = []

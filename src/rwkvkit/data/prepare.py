@@ -1,10 +1,11 @@
 """`rwkvkit prepare`: jsonl / plain text / chat jsonl -> RWKV-LM compatible `.bin/.idx` (+ loss mask + JSON sidecar).
 
-Pass 1 streams the inputs in ~1 MiB tasks through worker processes (parse, render chat, tokenize, check the round
-trip) and appends the results, in input order, to a staging binidx. Pass 2 writes the `--repeat` copies, each in its
-own seeded shuffle of the documents, by copying from the memory-mapped staging file. Memory stays bounded by the
-number of documents, never by the data. Every file is written under a `*.tmp-PID` name and renamed at the very end,
-`.idx` last, so an interrupted run leaves nothing that a reader would take for a finished dataset.
+Pass 1 streams the inputs in ~1 MiB tasks through this process and worker processes (parse, render chat, tokenize,
+check the round trip) and appends the results, in input order, to a staging binidx. Pass 2 writes the `--repeat`
+copies, each in its own seeded shuffle of the documents, by copying from the memory-mapped staging file. Memory
+stays bounded by the number of documents, never by the data. Every file is written under a `*.tmp-PID` name and
+renamed at the very end, `.idx` last, so an interrupted run leaves nothing that a reader would take for a finished
+dataset.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import os
 import signal
 import sys
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -29,7 +32,8 @@ EOS = 0  # RWKV's end-of-document token, appended after every document
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text", ".md")  # what a folder contributes besides jsonl
 TASK_BYTES = 1 << 20  # input bytes per worker task; also the piece size of large text files
-AUTO_WORKER_BYTES = 32 << 20  # input per core from which --workers defaults to one process per core
+AUTO_WORKER_BYTES = 8 << 20  # input per core from which --workers defaults to one process per core
+CHECK_SLICE = 1 << 15  # tokens per step of the round-trip check (its temporaries then fit in the cache)
 MAX_REPORTED = 10  # bad records printed one by one with --skip-bad; the rest are only counted
 
 
@@ -161,13 +165,17 @@ def _utf8_cut(data: bytes) -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_spec, options: RecordOptions, in_process: bool = False) -> None:
+def _init_worker(tokenizer_spec, options: RecordOptions, in_process: bool = False, shares_cores: bool = True):
     if not in_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
         # the processes are the parallelism: a native tokenizer's own thread pool would only oversubscribe
         os.environ.setdefault("RAYON_NUM_THREADS", "1")
     tok = _resolve_tokenizer(tokenizer_spec)
-    _WORKER.update(tokenizer=tok, options=options, dtype=token_dtype(int(tok.vocab_size)))
+    # Alone, a process encodes with encode_batch (a native one uses all cores); where processes share the cores,
+    # one text at a time, which is also a little faster on one core.
+    one_by_one = not hasattr(tok, "encode_batch") or (shares_cores and hasattr(tok, "encode"))
+    _WORKER.update(tokenizer=tok, options=options, dtype=token_dtype(int(tok.vocab_size)),
+                   byte_table=_byte_table(tok), one_by_one=one_by_one)
 
 
 def _worker_vocab_size() -> int:
@@ -219,91 +227,163 @@ def _parse_record(text: str, opt: RecordOptions) -> tuple[list[tuple[str, bool]]
 def _process(task: _Task) -> list[tuple]:
     """Task -> per record (line, tokens, mask or None (text: all trained), ends_doc, error or None), in order."""
     tok, opt, dtype = _WORKER["tokenizer"], _WORKER["options"], _WORKER["dtype"]
-    parsed: list[tuple] = []  # (line, segments, ends_doc, is_chat) or (line, error, ends_doc)
+    parsed: list[tuple] = []  # (line, segments, ends_doc, is_chat, UTF-8 of the segments) or (line, error, ends_doc)
     for lineno, raw, ends_doc in task.records:
         try:
             if not raw:
                 raise _BadRecord("empty document")
             text = _decode_utf8(raw)
             segments, is_chat = _parse_record(text, opt) if task.kind == "jsonl" else ([(text, True)], False)
+            utf8 = []
             for seg, _ in segments:
                 if not seg:
                     raise _BadRecord("empty document")
                 try:
-                    seg.encode("utf-8")
+                    utf8.append(seg.encode("utf-8"))
                 except UnicodeEncodeError as e:
                     raise _BadRecord(f"text is not valid Unicode (lone surrogate {seg[e.start]!r})") from None
-            parsed.append((lineno, segments, ends_doc, is_chat))
+            parsed.append((lineno, segments, ends_doc, is_chat, utf8))
         except _BadRecord as e:
             parsed.append((lineno + e.line_offset, e.reason, ends_doc))
 
-    texts = [seg for p in parsed if len(p) == 4 for seg, _ in p[1]]
-    encode_batch = getattr(tok, "encode_batch", None)
-    ids_iter = iter(encode_batch(texts) if encode_batch else [tok.encode(t) for t in texts])
+    good = [p for p in parsed if len(p) == 5]
+    texts = [seg for p in good for seg, _ in p[1]]
+    seg_ids = [tok.encode(t) for t in texts] if _WORKER["one_by_one"] else tok.encode_batch(texts)
+    seg_sizes = np.fromiter(map(len, seg_ids), dtype=np.int64, count=len(seg_ids))
+    seg_ends = np.cumsum(seg_sizes)
+    flat = np.fromiter(chain.from_iterable(seg_ids), dtype=dtype, count=int(seg_ends[-1]) if len(seg_ends) else 0)
+    all_match = _round_trip_matches(flat, seg_ends, [b for p in good for b in p[4]])
 
-    out = []
+    out, k = [], 0  # k: the record's first segment
     for p in parsed:
         if len(p) == 3:
             out.append((p[0], None, None, p[2], p[1]))
             continue
-        lineno, segments, ends_doc, is_chat = p
-        seg_ids = [next(ids_iter) for _ in segments]
-        ids = seg_ids[0] if len(seg_ids) == 1 else [i for s in seg_ids for i in s]
-        if tok.decode(ids) != "".join(s for s, _ in segments):
+        lineno, segments, ends_doc, is_chat, _ = p
+        start, end = (int(seg_ends[k - 1]) if k else 0), int(seg_ends[k + len(segments) - 1])
+        if not all_match and tok.decode(flat[start:end].tolist()) != "".join(s for s, _ in segments):
             out.append((lineno, None, None, ends_doc, "tokenizer round trip failed: decode(encode(text)) != text"))
+            k += len(segments)
             continue
-        tokens = np.empty(len(ids) + ends_doc, dtype=dtype)
-        tokens[: len(ids)] = ids
+        tokens = np.empty(end - start + ends_doc, dtype=dtype)
+        tokens[: end - start] = flat[start:end]
         mask = None
         if is_chat:
             mask = np.empty(len(tokens), dtype=np.uint8)
             pos = 0
-            for (_, trained), s in zip(segments, seg_ids):
-                mask[pos : pos + len(s)] = trained
-                pos += len(s)
+            for (_, trained), n in zip(segments, seg_sizes[k : k + len(segments)].tolist()):
+                mask[pos : pos + n] = trained
+                pos += n
         if ends_doc:
             tokens[-1] = EOS
             if mask is not None:
                 mask[-1] = segments[-1][1]  # train on the end token only after an answer
         out.append((lineno, tokens, mask, ends_doc, None))
+        k += len(segments)
     return out
 
 
+def _round_trip_matches(flat: np.ndarray, seg_ends: np.ndarray, seg_utf8: list[bytes]) -> bool:
+    """True when every segment's tokens decode to exactly its UTF-8 bytes, checked for all segments of a task at
+    once: each segment's byte count is equal, and each token's bytes equal the text's bytes where it starts. False
+    means "check one by one" (also for tokenizers without a byte table), so `decode(ids) == text` stays the judge."""
+    table = _WORKER.get("byte_table")
+    if table is None or len(flat) == 0 or not (np.diff(seg_ends, prepend=0) > 0).all():
+        return False
+    lengths, words, masks = table
+    if int(flat.min()) < 0 or int(flat.max()) >= len(lengths):
+        return False
+    token_len = lengths[flat]
+    if token_len.min() < 0:  # an id that does not decode: decode() itself says so
+        return False
+    byte_ends = np.cumsum(token_len, dtype=np.int64)
+    if not np.array_equal(byte_ends[seg_ends - 1], np.cumsum([len(b) for b in seg_utf8])):
+        return False
+    # Compare 8 bytes at a time: the text read as a little-endian uint64 at every byte offset, masked to the
+    # token's length, against the token's own bytes in the same form (long tokens take several words). In slices
+    # of tokens, so the temporaries stay in the cache.
+    text = b"".join(seg_utf8) + bytes(8 * len(words))
+    windows = np.ndarray((len(text) - 7,), dtype="<u8", buffer=text, strides=(1,))
+    for first in range(0, len(flat), CHECK_SLICE):
+        ids = flat[first : first + CHECK_SLICE].astype(np.intp)
+        n_bytes = token_len[first : first + CHECK_SLICE]
+        starts = byte_ends[first : first + CHECK_SLICE] - n_bytes
+        if not np.array_equal(windows[starts] & masks[0][ids], words[0][ids]):
+            return False
+        longer = np.flatnonzero(n_bytes > 8)
+        for w in range(1, len(words)):
+            longer = longer[n_bytes[longer] > 8 * w]
+            if not len(longer):
+                break
+            sel = ids[longer]
+            if not np.array_equal(windows[starts[longer] + 8 * w] & masks[w][sel], words[w][sel]):
+                return False
+    return True
+
+
+def _byte_table(tok):
+    """For a tokenizer whose `decode` is the UTF-8 of `decode_bytes` (every rwkvkit tokenizer), else None: per id
+    its byte length (-1: does not decode), its bytes as little-endian uint64 words (zero-padded) and the masks that
+    keep a word's valid bytes, as lists with one array per word position (contiguous: fast gathers)."""
+    from rwkvkit.tokenizer.base import Tokenizer
+
+    if not isinstance(tok, Tokenizer) or type(tok).decode is not Tokenizer.decode:
+        return None
+    table = tok._id_to_bytes  # what decode_bytes looks ids up in (the base class's contract with its subclasses)
+    pieces = [table.get(i) for i in range(int(tok.vocab_size))]
+    lengths = np.array([-1 if b is None else len(b) for b in pieces], dtype=np.int32)
+    n_words = max(1, -(-int(lengths.max()) // 8))
+    words = np.frombuffer(b"".join((b or b"").ljust(8 * n_words, b"\0") for b in pieces), dtype="<u8")
+    masks = np.frombuffer(b"".join(b"\xff" * len(b or b"") + bytes(8 * n_words - len(b or b"")) for b in pieces),
+                          dtype="<u8")
+    shape = (len(pieces), n_words)
+    return lengths, list(words.reshape(shape).T.copy()), list(masks.reshape(shape).T.copy())
+
+
 class _Tokenizing:
-    """Runs `_process` over tasks, in input order, in this process or in `workers` spawned processes (spawn: they
-    start clean, with no inherited threads or locks, and each builds its own tokenizer). At most 2 tasks per worker
-    are in flight, so memory stays bounded whatever the input size."""
+    """Runs `_process` over tasks, in input order, in `workers` processes: this one and `workers - 1` spawned ones
+    (spawn: they start clean, with no inherited threads or locks, and each builds its own tokenizer). This process
+    loads its tokenizer while the others start, and then takes a task itself whenever they have enough queued, so
+    their start-up (a second or so) costs no idle core. At most 2 tasks per spawned worker are queued, so memory
+    stays bounded whatever the input size."""
 
     def __init__(self, tokenizer_spec, options: RecordOptions, workers: int):
-        self.workers, self.pool = workers, None
-        if workers <= 1:
-            _init_worker(tokenizer_spec, options, in_process=True)
-            self.vocab_size = _worker_vocab_size()
-            return
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        self.n_spawned, self.pool = max(workers - 1, 0), None
+        if self.n_spawned:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
-        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                        initargs=(tokenizer_spec, options))
-        # one call per worker starts them all now (the executor starts processes only while none is idle); the
-        # parent itself never builds a tokenizer, which takes a second or so
-        calls = [self.pool.submit(_worker_vocab_size) for _ in range(workers)]
-        self.vocab_size = calls[0].result()
+            self.pool = ProcessPoolExecutor(self.n_spawned, mp_context=mp.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(tokenizer_spec, options))
+            # one call per worker starts them all now (the executor starts processes only while none is idle)
+            for _ in range(self.n_spawned):
+                self.pool.submit(_worker_vocab_size)
+        try:
+            _init_worker(tokenizer_spec, options, in_process=True, shares_cores=self.pool is not None)
+        except BaseException:
+            self.close()
+            raise
+        self.vocab_size = _worker_vocab_size()
 
     def run(self, tasks: Iterator[_Task]) -> Iterator[tuple[_Task, list]]:
         if self.pool is None:
             for task in tasks:
                 yield task, _process(task)
             return
-        pending: deque = deque()
+        pending: deque = deque()  # (task, its future in the pool, or its results when this process did it)
         for task in tasks:
-            pending.append((task, self.pool.submit(_process, task)))
-            if len(pending) >= 2 * self.workers:
-                task0, fut = pending.popleft()
-                yield task0, fut.result()
+            queued = sum(isinstance(r, Future) and not r.done() for _, r in pending)
+            if queued < 2 * self.n_spawned:
+                pending.append((task, self.pool.submit(_process, task)))
+            else:
+                pending.append((task, _process(task)))
+            while pending and (not isinstance(pending[0][1], Future) or pending[0][1].done()
+                               or len(pending) > 4 * self.n_spawned + 2):
+                task0, r = pending.popleft()
+                yield task0, r.result() if isinstance(r, Future) else r
         while pending:
-            task0, fut = pending.popleft()
-            yield task0, fut.result()
+            task0, r = pending.popleft()
+            yield task0, r.result() if isinstance(r, Future) else r
 
     def close(self) -> None:
         if self.pool is not None:
@@ -449,8 +529,8 @@ def prepare(
     sources = find_inputs(inputs)
     total_bytes = sum(p.stat().st_size for p, _ in sources)
     if workers is None:
-        # A worker takes 1-2 s to start, and in this process a native tokenizer already encodes on all cores
-        # (the bulk of the work): processes pay off only from a few seconds of work per core.
+        # A spawned worker takes a second or so to start (this process works meanwhile), and alone this process's
+        # native tokenizer already encodes on all cores: more processes pay off from a second of work per core.
         cores = _default_workers()
         workers = cores if total_bytes >= cores * AUTO_WORKER_BYTES else 1
     task_bytes = max(16 << 10, min(TASK_BYTES, total_bytes // (4 * workers) + 1))
@@ -599,7 +679,8 @@ def _parser():
                    help="in chat turns: CRLF -> LF, runs of blank lines -> one newline, strip")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (and count them) instead of stopping")
     p.add_argument("--workers", type=Optional[int], default=None,
-                   help="tokenizer processes (default: one per core from 32 MiB of input per core, else 1)")
+                   help="tokenizing processes, this one included (default: one per core from 8 MiB of input "
+                   "per core, else 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
