@@ -2,13 +2,15 @@
 
     python benchmarks/cpu_inference.py                # random RWKV-7 0.1B shape (L12 D768 V65536), fp32
     python benchmarks/cpu_inference.py --model PATH   # any official .pth (the official side needs RWKV_V7_ON for v7)
+    python benchmarks/cpu_inference.py --dtypes fp32 bf16   # also bf16 weights (the state stays fp32)
 
 Measures prefill tokens/s (one 512-token call, from an empty state) and decode tokens/s (one-token calls carrying the
 state), each the best of `--repeats` runs, for rwkvkit's native API (`model(ids, state)`), for its compat layer
-(`RWKV.forward(list, state)`, what a ChatRWKV script calls) and for the official package (`RWKV(strategy="cpu fp32")`,
-JIT on as by default; run in a subprocess because it reads its environment at import). It also measures the
-memory bandwidth, since decoding one token reads every weight matrix once: bytes per token / bandwidth bounds the
-decode speed.
+(`RWKV.forward(list, state)`, what a ChatRWKV script calls) and for the official package (`RWKV(strategy="cpu fp32")`
+or `"cpu bf16"`, JIT on as by default; run in a subprocess because it reads its environment at import). For bf16 it
+reports the largest |logit difference| from fp32 weights (last prefill position and after the decode steps). It also
+measures the memory bandwidth, since decoding one token reads every weight matrix once: bytes per token / bandwidth
+bounds the decode speed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 torch.set_num_threads(int(sys.argv[2]))
 from rwkv.model import RWKV
 prefill, decode, repeats = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-model = RWKV(model=sys.argv[1], strategy="cpu fp32")
+model = RWKV(model=sys.argv[1], strategy="cpu " + sys.argv[6])
 ids = torch.randint(0, model.args.vocab_size, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
 model.forward(ids[:16], None)  # TorchScript compiles on the first calls
 best_prefill = best_decode = 0.0
@@ -97,13 +99,13 @@ def best_rate(fn, tokens: int, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure_rwkvkit(path: Path, prefill: int, decode: int, repeats: int) -> dict:
-    """tokens/s of three ways to run rwkvkit: {way: (prefill, decode)}."""
+def measure_rwkvkit(path: Path, dtype: str, prefill: int, decode: int, repeats: int) -> dict:
+    """tokens/s of three ways to run rwkvkit: {way: (prefill, decode)}, and the runtime's logits (for accuracy)."""
     import rwkvkit
     from rwkvkit.compat import RWKV
     from rwkvkit.runtime.generation import DecodeStep, last_logits, use_gemv_friendly_layout
 
-    model = rwkvkit.load(path, dtype="fp32", tokenizer=None)
+    model = rwkvkit.load(path, dtype=dtype, tokenizer=None)
     ids = torch.randint(0, model.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(0))
     tokens = ids[0].tolist()
     _, state = model(ids[:, :16])
@@ -112,7 +114,8 @@ def measure_rwkvkit(path: Path, prefill: int, decode: int, repeats: int) -> dict
     def run_steps(step):
         s = state
         for i in range(decode):
-            _, s = step(ids[:, i : i + 1], s)
+            logits, s = step(ids[:, i : i + 1], s)
+        return logits
 
     # the model as called directly: every position's logits, Python-level op dispatch
     results["rwkvkit model() eager"] = (
@@ -129,8 +132,9 @@ def measure_rwkvkit(path: Path, prefill: int, decode: int, repeats: int) -> dict
         best_rate(lambda: last_logits(model, ids), prefill, repeats),
         best_rate(lambda: run_steps(step), decode, repeats),
     )
+    logits = torch.stack((last_logits(model, ids)[0][0], run_steps(step)[0])).float()
     # the compat layer, called exactly as a ChatRWKV script calls the official package
-    compat = RWKV(model=str(path), strategy="cpu fp32", verbose=False)
+    compat = RWKV(model=str(path), strategy=f"cpu {dtype}", verbose=False)
     _, flat = compat.forward(tokens[:16], None)
     for tok in tokens[:2]:
         _, flat = compat.forward([tok], flat)
@@ -144,7 +148,12 @@ def measure_rwkvkit(path: Path, prefill: int, decode: int, repeats: int) -> dict
         best_rate(lambda: compat.forward(tokens, None), prefill, repeats),
         best_rate(compat_steps, decode, repeats),
     )
-    return {"results": results, "bytes_per_token": decode_bytes_per_token(model), "version": model.config.version}
+    return {
+        "results": results,
+        "logits": logits,
+        "bytes_per_token": decode_bytes_per_token(model),
+        "version": model.config.version,
+    }
 
 
 @torch.no_grad()
@@ -176,15 +185,17 @@ def _best(a: tuple, b: tuple) -> tuple:
     return tuple(max(x, y) for x, y in zip(a, b))
 
 
-def measure_official(path: Path, version: str, threads: int, prefill: int, decode: int, repeats: int) -> dict | None:
+def measure_official(
+    path: Path, dtype: str, version: str, threads: int, prefill: int, decode: int, repeats: int
+) -> dict | None:
     env = dict(os.environ)
     if version == "7":
         env["RWKV_V7_ON"] = "1"
     model = str(path)[: -len(".pth")] if str(path).endswith(".pth") else str(path)
-    args = [model, str(threads), str(prefill), str(decode), str(repeats)]
+    args = [model, str(threads), str(prefill), str(decode), str(repeats), dtype]
     proc = subprocess.run([sys.executable, "-c", OFFICIAL, *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"official package failed:\n{proc.stderr[-1500:]}", file=sys.stderr)
+        print(f"official package failed ({dtype}):\n{proc.stderr[-1500:]}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -197,6 +208,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="alternate ours/official this many times")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="weight dtypes")
     parser.add_argument("--no-official", action="store_true", help="skip the official package")
     parser.add_argument("--profile", action="store_true", help="also print per-op profiles of rwkvkit's runs")
     args = parser.parse_args()
@@ -212,34 +224,51 @@ def main() -> None:
             profile_rwkvkit(path, args.prefill)
         # Alternate the implementations over rounds and keep each one's best: a busy machine then slows a
         # round, not one side of the comparison.
-        ours, official = None, None
+        ours: dict = {}
+        official: dict = {}
         for _ in range(args.rounds):
-            run = measure_rwkvkit(path, args.prefill, args.decode, args.repeats)
-            if ours is not None:
-                run["results"] = {k: _best(v, ours["results"][k]) for k, v in run["results"].items()}
-            ours = run
-            if not args.no_official:
-                run = measure_official(path, ours["version"], args.threads, args.prefill, args.decode, args.repeats)
-                if run is not None:
-                    official = run if official is None else {k: max(v, official[k]) for k, v in run.items()}
+            for dtype in args.dtypes:
+                run = measure_rwkvkit(path, dtype, args.prefill, args.decode, args.repeats)
+                if dtype in ours:
+                    run["results"] = {k: _best(v, ours[dtype]["results"][k]) for k, v in run["results"].items()}
+                ours[dtype] = run
+                if not args.no_official:
+                    version = run["version"]
+                    run = measure_official(path, dtype, version, args.threads, args.prefill, args.decode, args.repeats)
+                    if run is not None:
+                        old = official.get(dtype)
+                        official[dtype] = run if old is None else {k: max(v, old[k]) for k, v in run.items()}
 
-    print(f"\nRWKV-{ours['version']} {path.name}, fp32, {args.threads} threads, torch {torch.__version__}")
+    first = ours[args.dtypes[0]]
+    print(f"\nRWKV-{first['version']} {path.name}, {args.threads} threads, torch {torch.__version__}")
     print(
         f"prefill: one call of {args.prefill} tokens; decode: {args.decode} one-token calls; "
-        f"best of {args.repeats} x {args.rounds} rounds"
+        f"best of {args.repeats} x {args.rounds} rounds; ratios against the official package in fp32"
     )
-    rows = {"official rwkv 0.8.32 (JIT)": (official["prefill"], official["decode"])} if official else {}
-    rows.update(ours["results"])
-    print(f"\n| {'implementation':<26} | {'prefill tok/s':>15} | {'decode tok/s':>14} |")
-    print(f"|{'-' * 28}|{'-' * 17}|{'-' * 16}|")
+    base = official.get("fp32")
+    rows = {}
+    for dtype in args.dtypes:
+        if dtype in official:
+            rows[f"official rwkv 0.8.32 {dtype}"] = (official[dtype]["prefill"], official[dtype]["decode"])
+        rows.update({f"{name} {dtype}": rate for name, rate in ours[dtype]["results"].items()})
+    print(f"\n| {'implementation':<31} | {'prefill tok/s':>15} | {'decode tok/s':>14} |")
+    print(f"|{'-' * 33}|{'-' * 17}|{'-' * 16}|")
     for name, (pre, dec) in rows.items():
-        pre_s = f"{pre:.1f}" + (f" ({pre / official['prefill']:.2f}x)" if official else "")
-        dec_s = f"{dec:.1f}" + (f" ({dec / official['decode']:.2f}x)" if official else "")
-        print(f"| {name:<26} | {pre_s:>15} | {dec_s:>14} |")
-    gb = ours["bytes_per_token"] / 1e9
-    print(f"\ndecode reads {gb * 1e3:.0f} MB of weights per token; measured bandwidth and the decode speed it allows:")
-    for name, rate in bandwidth.items():
-        print(f"  {name:<14} {rate:6.1f} GB/s -> at most {rate / gb:5.1f} tok/s")
+        pre_s = f"{pre:.1f}" + (f" ({pre / base['prefill']:.2f}x)" if base else "")
+        dec_s = f"{dec:.1f}" + (f" ({dec / base['decode']:.2f}x)" if base else "")
+        print(f"| {name:<31} | {pre_s:>15} | {dec_s:>14} |")
+    if "fp32" in ours:
+        for dtype in args.dtypes:
+            if dtype != "fp32":
+                diff = (ours[dtype]["logits"] - ours["fp32"]["logits"]).abs().max().item()
+                scale = ours["fp32"]["logits"].abs().max().item()
+                print(f"\n{dtype} weights: max |logit diff| vs fp32 {diff:.4f} (largest |logit| {scale:.2f})")
+    for dtype in args.dtypes:
+        gb = ours[dtype]["bytes_per_token"] / 1e9
+        print(f"\n{dtype}: decode reads {gb * 1e3:.0f} MB of weights per token; fp32 bandwidth and the speed allowed:")
+        for name, rate in bandwidth.items():
+            print(f"  {name:<14} {rate:6.1f} GB/s -> at most {rate / gb:5.1f} tok/s")
+
 
 if __name__ == "__main__":
     main()

@@ -158,3 +158,56 @@ def test_gemv_friendly_layout_keeps_values_shapes_and_outputs(official_checkpoin
     assert model.head.weight.t().is_contiguous() and not model.head.weight.is_contiguous()
     out, _ = model([3, 1, 4, 1, 5])
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_bf16_weights_decode_traced_and_close_to_fp32(official_checkpoint):
+    import rwkvkit
+    from rwkvkit.runtime.generation import DecodeStep, last_logits, use_gemv_friendly_layout
+
+    path = official_checkpoint("7")
+    ref_model = rwkvkit.load(path, dtype=torch.float32, tokenizer=None)
+    model = rwkvkit.load(path, dtype=torch.bfloat16, tokenizer=None)
+    use_gemv_friendly_layout(model)
+    assert model.head.weight.is_contiguous()  # bf16 GEMVs are faster in nn.Linear's own [out, in] layout
+    step = DecodeStep(model)
+    with torch.no_grad():
+        ref, ref_state = last_logits(ref_model, torch.tensor([[3, 1, 4, 1, 5]]))
+        out, state = last_logits(model, torch.tensor([[3, 1, 4, 1, 5]]))
+        assert state.wkv.dtype == torch.float32
+        eager_state = state
+        for token in [9, 2, 6, 5]:
+            idx = torch.tensor([[token]])
+            eager, eager_state = last_logits(model, idx, eager_state)
+            out, state = step(idx, state)
+            ref, ref_state = last_logits(ref_model, idx, ref_state)
+            assert torch.allclose(out.float(), eager.float(), atol=1e-2)
+            assert torch.allclose(out.float(), ref, atol=0.05 * ref.abs().max().item())
+    assert step._traces
+
+
+def test_gemv_friendly_layout_decode_matches_the_plain_model(official_checkpoint):
+    import rwkvkit
+    from rwkvkit.runtime.generation import DecodeStep, last_logits, use_gemv_friendly_layout
+
+    path = official_checkpoint("7", vocab=96)  # even, so the head is split too
+    plain = rwkvkit.load(path, tokenizer=None)
+    model = rwkvkit.load(path, tokenizer=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the split products are used with several threads
+    try:
+        use_gemv_friendly_layout(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert type(model.blocks[0].att.key).__name__ == type(model.head).__name__ == "_SplitGemvLinear"
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    step = DecodeStep(model)
+    with torch.no_grad():
+        ref, ref_state = last_logits(plain, torch.tensor([[3, 1, 4, 1, 5]]))
+        out, state = last_logits(model, torch.tensor([[3, 1, 4, 1, 5]]))
+        assert torch.allclose(out, ref, atol=1e-5)
+        for token in [9, 2, 6, 5]:
+            idx = torch.tensor([[token]])
+            ref, ref_state = last_logits(plain, idx, ref_state)
+            out, state = step(idx, state)
+            assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(state.wkv, ref_state.wkv, atol=1e-5)
