@@ -9,3 +9,32 @@ and, for v6/v7, the GPU kernels; its `__init__` dispatches on `impl`. The functi
 re-exported here: a function named like its subpackage would shadow it (`import rwkvkit.ops.wkv7 as m` would
 then give the function).
 """
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+
+@functools.cache
+def triton_kernel(op: str):
+    """`rwkvkit.ops.<op>.triton_chunk.<op>_triton`, or None where it (or triton) is not installed.
+
+    Looked up once: the dispatchers ask on every call, and a failed import would otherwise search sys.path again
+    for each layer of each step.
+    """
+    try:
+        module = importlib.import_module(f"rwkvkit.ops.{op}.triton_chunk")
+    except ImportError:
+        return None
+    return getattr(module, f"{op}_triton")
+
+
+def require_triton_kernel(op: str):
+    """The kernel for an explicit impl="triton", or a clear error naming the fallback."""
+    kernel = triton_kernel(op)
+    if kernel is None:
+        from rwkvkit.errors import ConfigError
+
+        raise ConfigError(f"{op} impl 'triton' needs triton and rwkvkit.ops.{op}.triton_chunk; use 'chunked'")
+    return kernel

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from rwkvkit.ops import require_triton_kernel, triton_kernel
+
 from .chunked import wkv6_chunked, wkv6_step
 from .naive import wkv6_naive
 
 IMPLS = ("auto", "naive", "chunked", "triton")
-
-
-def _triton_impl():
-    """The GPU kernel, or None where it (or triton) is not installed."""
-    try:
-        from .triton_chunk import wkv6_triton
-    except ImportError:
-        return None
-    return wkv6_triton
 
 
 def wkv6(
@@ -39,19 +32,14 @@ def wkv6(
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv6 impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        kernel = _triton_impl() if r.is_cuda else None
+        kernel = triton_kernel("wkv6") if r.is_cuda else None
         if kernel is not None:
             return kernel(r, w, k, v, u, initial_state)
         impl = "chunked"  # which itself takes the single-step path when T == 1
     if impl == "naive":
         return wkv6_naive(r, w, k, v, u, initial_state)
     if impl == "triton":
-        kernel = _triton_impl()
-        if kernel is None:
-            from rwkvkit.errors import ConfigError
-
-            raise ConfigError("wkv6 impl 'triton' needs triton and rwkvkit.ops.wkv6.triton_chunk; use 'chunked'")
-        return kernel(r, w, k, v, u, initial_state)
+        return require_triton_kernel("wkv6")(r, w, k, v, u, initial_state)
     return wkv6_chunked(r, w, k, v, u, initial_state)
 
 

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from rwkvkit.ops import require_triton_kernel, triton_kernel
+
 from .chunked import wkv7_chunked, wkv7_step
 from .naive import wkv7_naive
 
 IMPLS = ("auto", "naive", "chunked", "triton")
-
-
-def _triton_impl():
-    """The GPU kernel, or None where it (or triton) is not installed."""
-    try:
-        from .triton_chunk import wkv7_triton
-    except ImportError:
-        return None
-    return wkv7_triton
 
 
 def wkv7(
@@ -39,19 +32,14 @@ def wkv7(
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv7 impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        kernel = _triton_impl() if r.is_cuda else None
+        kernel = triton_kernel("wkv7") if r.is_cuda else None
         if kernel is not None:
             return kernel(r, w, k, v, a, b, initial_state)
         impl = "chunked"  # which itself takes the single-step path when T == 1
     if impl == "naive":
         return wkv7_naive(r, w, k, v, a, b, initial_state)
     if impl == "triton":
-        kernel = _triton_impl()
-        if kernel is None:
-            from rwkvkit.errors import ConfigError
-
-            raise ConfigError("wkv7 impl 'triton' needs triton and rwkvkit.ops.wkv7.triton_chunk; use 'chunked'")
-        return kernel(r, w, k, v, a, b, initial_state)
+        return require_triton_kernel("wkv7")(r, w, k, v, a, b, initial_state)
     return wkv7_chunked(r, w, k, v, a, b, initial_state)
 
 
