@@ -13,7 +13,7 @@ from rwkvkit.models import RWKVConfig, State, build_model
 from rwkvkit.models.checkpoint import load_checkpoint
 
 VERSIONS = ["4", "5.2", "6", "7"]
-V = 97  # the tiny checkpoints' vocab (see conftest.TINY)
+V = 97  # the tiny checkpoints' vocab (see tests/support/official_checkpoints.py TINY)
 
 
 @pytest.fixture(params=VERSIONS)

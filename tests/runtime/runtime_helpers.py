@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,19 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from official_checkpoints import official_state_dict  # noqa: F401  (re-exported for the runtime tests)
 
 HERE = Path(__file__).resolve().parent
-
-
-def _models_conftest():
-    """The official-layout checkpoint builder of tests/models (written from the shape tables, not from our models)."""
-    spec = importlib.util.spec_from_file_location("_models_checkpoints", HERE.parent / "models" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-official_state_dict = _models_conftest().official_state_dict
 
 
 def run_official(workdir: Path, models: dict[str, Path], prompt: list[int], steps: list[int]) -> dict:
