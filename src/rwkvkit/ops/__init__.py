@@ -17,24 +17,24 @@ import importlib
 
 
 @functools.cache
-def triton_kernel(op: str):
-    """`rwkvkit.ops.<op>.triton_chunk.<op>_triton`, or None where it (or triton) is not installed.
+def triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None):
+    """`rwkvkit.ops.<op>.<module>.<name>` (default `<op>_triton`), or None where it (or triton) is not installed.
 
     Looked up once: the dispatchers ask on every call, and a failed import would otherwise search sys.path again
     for each layer of each step.
     """
     try:
-        module = importlib.import_module(f"rwkvkit.ops.{op}.triton_chunk")
+        found = importlib.import_module(f"rwkvkit.ops.{op}.{module}")
     except ImportError:
         return None
-    return getattr(module, f"{op}_triton")
+    return getattr(found, name or f"{op}_triton")
 
 
-def require_triton_kernel(op: str):
+def require_triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None):
     """The kernel for an explicit impl="triton", or a clear error naming the fallback."""
-    kernel = triton_kernel(op)
+    kernel = triton_kernel(op, module, name)
     if kernel is None:
         from rwkvkit.errors import ConfigError
 
-        raise ConfigError(f"{op} impl 'triton' needs triton and rwkvkit.ops.{op}.triton_chunk; use 'chunked'")
+        raise ConfigError(f"{op} impl 'triton' needs triton and rwkvkit.ops.{op}.{module}; use the PyTorch impl")
     return kernel

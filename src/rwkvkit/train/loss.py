@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from rwkvkit.ops.cross_entropy import ce_grad_
+
 L2WRAP_FACTOR = 1e-4
 
 
@@ -35,19 +37,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, n, chunk):
             h = hidden[s : s + chunk].to(compute_dtype)
-            t = targets[s : s + chunk, None]
-            tw = token_weight[s : s + chunk, None]
-            logits = (h @ w.t()).float()
-            lse = torch.logsumexp(logits, -1, keepdim=True)
-            total = total + ((lse - logits.gather(-1, t)) * tw).sum()
+            t = targets[s : s + chunk]
+            tw = token_weight[s : s + chunk]
+            logits = h @ w.t()
             if not (want_h or want_w):
+                x = logits.float()
+                total = total + ((torch.logsumexp(x, -1) - x.gather(-1, t[:, None])[:, 0]) * tw).sum()
                 continue
-            top, top_idx = logits.max(-1, keepdim=True)
-            g = logits.sub_(lse).exp_()  # softmax, in place: the logits are no longer needed
-            g.scatter_add_(-1, t, -torch.ones_like(tw))
-            g.mul_(tw)
-            g.scatter_add_(-1, top_idx, top * (L2WRAP_FACTOR * tw))
-            g = g.to(compute_dtype)
+            total = total + ce_grad_(logits, t, tw, L2WRAP_FACTOR)
+            g = logits  # now the gradient of the chunk's loss w.r.t. its logits
             if want_h:
                 grad_hidden[s : s + chunk] = (g @ w).to(hidden.dtype)
             if want_w:
