@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import math
 
 import torch
@@ -197,6 +198,9 @@ def main():
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--variants", nargs="*", default=[DEFAULT_VARIANT], help="names from VARIANTS, or 'all'")
     p.add_argument("--fla", action="store_true", help="add fla's chunk_rwkv7 (its first call autotunes for minutes)")
+    p.add_argument("--peer", default=None, metavar="FILE",
+                   help="a Python file whose peer_fns(op) returns more {name: fn} to time beside ours (peers whose "
+                        "code may not live in this repository, e.g. RWKV-LM's CUDA kernels built from a local copy)")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--odd-length", type=int, default=0, help="also check accuracy at this T (batch 1)")
     p.add_argument("--profile", action="store_true", help="per-kernel device time of our variants")
@@ -210,6 +214,11 @@ def main():
         fns["fla chunk_rwkv7 lower_bound"] = fla_rwkv7(lower_bound=-math.exp(-0.5))
     elif args.fla:
         fns["fla chunk_rwkv6"] = fla_rwkv6()
+    if args.peer:
+        spec = importlib.util.spec_from_file_location("bench_peer", args.peer)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        fns.update(module.peer_fns(args.op))
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"# {device}, torch {torch.__version__}, triton {triton.__version__}, {now:%Y-%m-%d %H:%M} UTC")

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, compile, caches)")
     ap.add_argument("--json", default=None, help="also write the result to this file")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one step and print the N most expensive kernels")
     ap.add_argument("-h", "--help", action="store_true")
     args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.help:
@@ -102,10 +104,24 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # the process's peak resident set (Linux reports KiB)
         result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     print(json.dumps(result, indent=2))
+    if args.profile:
+        _profile(step, sync, dev, args.profile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _profile(step, sync, dev, top: int) -> None:
+    """One step under torch.profiler: where the time goes, kernel by kernel (device time on GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60))
 
 
 if __name__ == "__main__":
