@@ -22,12 +22,12 @@ if not ON_GPU:
     if not isinstance(standard.cdiv, InterpretedFunction):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file alone",
                     allow_module_level=True)
-    MODULE = "rwkvkit.ops.cross_entropy.triton_kernel"
+    MODULE = "rwkvkit.ops.cross_entropy.triton_fused"
     if MODULE in sys.modules:
         importlib.reload(sys.modules[MODULE])
 
 from rwkvkit.ops.cross_entropy import ce_grad_, ce_grad_naive  # noqa: E402
-from rwkvkit.ops.cross_entropy.triton_kernel import ce_grad_triton  # noqa: E402
+from rwkvkit.ops.cross_entropy.triton_fused import ce_grad_triton  # noqa: E402
 from rwkvkit.ops.testing import rel_rms  # noqa: E402
 from rwkvkit.train.loss import L2WRAP_FACTOR  # noqa: E402
 
@@ -77,3 +77,11 @@ def test_dispatch_uses_the_reference_on_cpu_tensors():
     assert torch.allclose(a.cpu(), b)
     with pytest.raises(ValueError, match="impl"):
         ce_grad_(a, targets, tw, L2WRAP_FACTOR, impl="fast")
+
+
+def test_dispatcher_finds_the_kernel():
+    """What `impl="auto"` runs on CUDA: the lookup must give the kernel function itself."""
+    from rwkvkit.ops import triton_kernel
+    from rwkvkit.ops.cross_entropy import _KERNEL
+
+    assert triton_kernel("cross_entropy", *_KERNEL).__name__ == "ce_grad_triton"

@@ -30,6 +30,8 @@ class TimeMix(nn.Module):
         super().__init__()
         C, H, N = config.n_embd, config.n_head, config.head_size
         self.layer_id = layer_id
+        # a bool, not the index, in forward: torch.compile then makes one graph for layer 0 and one for the rest
+        self.defines_v_first = layer_id == 0
         self.n_head, self.head_size = H, N
         self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (_vec(C) for _ in range(6))
         self.w0 = _vec(C)
@@ -67,7 +69,7 @@ class TimeMix(nn.Module):
         log_decay = -_LOG_DECAY_SCALE * torch.sigmoid(w_raw.float())  # fp32: the decay can be within 1e-4 of 1
         k = self.key(xk)
         v = self.value(xv)
-        if self.layer_id == 0:
+        if self.defines_v_first:
             v_first = v
         else:  # value residual: mix in layer 0's value, per channel and token
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)

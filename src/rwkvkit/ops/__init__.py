@@ -12,22 +12,34 @@ then give the function).
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 
-@functools.cache
+_FOUND: dict[tuple, object] = {}
+
+
 def triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None):
     """`rwkvkit.ops.<op>.<module>.<name>` (default `<op>_triton`), or None where it (or triton) is not installed.
 
     Looked up once: the dispatchers ask on every call, and a failed import would otherwise search sys.path again
-    for each layer of each step.
+    for each layer of each step. A plain dict rather than functools.cache, so that torch.compile reads the found
+    kernel instead of breaking its graph on the import machinery.
     """
+    key = (op, module, name)
+    if key not in _FOUND:
+        _FOUND[key] = _import_kernel(op, module, name)
+    return _FOUND[key]
+
+
+def _import_kernel(op: str, module: str, name: str | None):
     try:
         found = importlib.import_module(f"rwkvkit.ops.{op}.{module}")
     except ImportError:
         return None
-    return getattr(found, name or f"{op}_triton")
+    # torch.compile runs the kernel as one opaque call (it cannot trace the launch wrappers)
+    import torch
+
+    return torch.compiler.disable(getattr(found, name or f"{op}_triton"))
 
 
 def require_triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None):

@@ -9,7 +9,7 @@ from rwkvkit.ops import require_triton_kernel, triton_kernel
 from .naive import ce_grad_naive
 
 IMPLS = ("auto", "naive", "triton")
-_KERNEL = ("triton_kernel", "ce_grad_triton")
+_KERNEL = ("triton_fused", "ce_grad_triton")
 
 
 def ce_grad_(logits: torch.Tensor, targets: torch.Tensor, token_weight: torch.Tensor, l2wrap: float,
