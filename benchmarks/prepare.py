@@ -6,9 +6,10 @@ TRIE_TOKENIZER (from the `rwkv` package) in one process, the decode(encode(text)
 uint16 written to .bin, then the .idx. The rwkvkit rows run the `rwkvkit prepare` command end to end (tokenizer
 load, worker start-up, index, sidecar) with the default shuffle and `--repeat 1`.
 
-Every run is a fresh process (so each side pays its start-up and tokenizer load once). A row is the best wall
-time of `--runs` runs, with that run's CPU time (the process, its threads and its workers): on a shared machine
-the CPU time is the steadier number.
+Every run is a fresh process (so each side pays its start-up and tokenizer load once). The methods take turns,
+run after run, so that a change in the machine's load touches them all alike. A row gives the median and the best
+wall time of `--runs` runs, and the median CPU time (the process, its threads and its workers): on a shared
+machine the CPU time is the steadier number. The speed-up compares medians.
 
     .venv/bin/python benchmarks/prepare.py [--mb 8] [--copies 1] [--workers 1 2] [--runs 3]
 """
@@ -90,7 +91,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1,
                     help="concatenate the input this many times (more data than the stdlib has, for steady-state rates)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--runs", type=int, default=3, help="best of this many runs per method (2 CPUs are noisy)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per method (2 CPUs are noisy)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--baseline-only", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -118,14 +119,18 @@ def main() -> None:
             methods.append(("make_data.py approach (pure-Python trie, 1 process)", "baseline",
                             [sys.executable, __file__, "--baseline-only", str(src), f"{tmp}/baseline"]))
         for w in args.workers:
-            name = "1 process (native encoder threads)" if w == 1 else f"{w} processes (this one + {w - 1} spawned)"
+            name = "1 process (native encoder threads)" if w == 1 else f"{w} processes (this one + {w - 1} more)"
             methods.append((f"rwkvkit prepare, {name}", f"ours{w}",
                             rwkvkit + [str(src), "--out", f"{tmp}/ours{w}", "--workers", str(w), "--quiet"]))
+        times: dict[str, list[tuple[float, float]]] = {out: [] for _, out, _ in methods}
+        for _ in range(args.runs):
+            for _, out, cmd in methods:
+                times[out].append(timed(cmd))
         rows = []
-        for name, out, cmd in methods:
-            wall, cpu = min(timed(cmd) for _ in range(args.runs))
+        for name, out, _ in methods:
+            walls, cpus = (sorted(t[k] for t in times[out]) for k in (0, 1))
             tokens = BinIdxDataset(f"{tmp}/{out}").tokens
-            rows.append((name, wall, cpu, len(tokens)))
+            rows.append((name, float(np.median(walls)), walls[0], float(np.median(cpus)), len(tokens)))
             if out != "baseline" and not args.skip_baseline:
                 base = BinIdxDataset(f"{tmp}/baseline").tokens
                 # ours is shuffled: the same tokens in another document order
@@ -133,11 +138,12 @@ def main() -> None:
 
     print(f"load average before / after: {load0:.1f} / {os.getloadavg()[0]:.1f}")
     base_rate = mb / rows[0][1] if not args.skip_baseline else None
-    print("\n| method | wall s | CPU s | MB/s | tokens | speed-up |\n|---|---:|---:|---:|---:|---:|")
-    for name, wall, cpu, n_tokens in rows:
+    print(f"\n{args.runs} runs each\n| method | median wall s | best wall s | median CPU s | MB/s (median) | tokens | "
+          "speed-up |\n|---|---:|---:|---:|---:|---:|---:|")
+    for name, wall, best, cpu, n_tokens in rows:
         rate = mb / wall
         speedup = f"{rate / base_rate:.1f}x" if base_rate else "-"
-        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {rate:.2f} | {n_tokens:,} | {speedup} |")
+        print(f"| {name} | {wall:.2f} | {best:.2f} | {cpu:.2f} | {rate:.2f} | {n_tokens:,} | {speedup} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from rwkvkit.errors import TokenizerError
 from rwkvkit.tokenizer import WorldTokenizer, get_tokenizer
-from rwkvkit.tokenizer.reference import read_vocab
+from rwkvkit.tokenizer.reference import _read_common_lines, _read_lines, read_vocab
 from rwkvkit.tokenizer.world import VOCAB_NAME, find_world_vocab
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -220,6 +220,36 @@ def test_malformed_vocab_is_a_clear_error(tmp_path, content, message):
     (tmp_path / "bad.txt").write_text(content, encoding="utf-8")
     with pytest.raises(TokenizerError, match=message):
         WorldTokenizer(tmp_path / "bad.txt")
+
+
+
+def test_fast_vocab_reader_equals_the_careful_one_on_the_real_file():
+    raw = find_world_vocab().read_bytes()
+    for data in (raw, raw.replace(b"\n", b"\r\n")):
+        fast = _read_common_lines(data)
+        assert fast is not None and list(fast.items()) == list(_read_lines(data, Path("v")).items())
+
+
+SINGLE_BYTES = "".join(f"{b + 1} {bytes([b])!r} 1\n" for b in range(256))
+# Lines the regex reads, lines it leaves to the literal parser, and lines that both readers must reject
+ODD_LINES = ["300 'ab' 2", "301 'a b' 3", "302 \"it's\" 4", "303 'a\\'b' 3", "304 b'\\xe4\\xb8' 2", "305 '\\n\\t' 2",
+             "306 'x' 1\r\r", "+307 'cd' 2", "0308 'ef' 2", "309 'gh'  2", "310 'ij' 2 ", " 311 'kl' 2", "312 'm'n' 3",
+             "313 '' 0", "0 'op' 2", "-5 'qr' 2", "314 'st' 9", "315 'ab' 2", "300 'uv' 2", "316 '\\u00e9' 2",
+             "317 'é' 2", "318 b'\\xff\\xfe' 2", "319 \"q\" 1", "320 'yz' 2 3", "", "  ", "\r", "321 'a\rb' 3",
+             "٣٢٢ 'wx' 2"]
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(ODD_LINES), max_size=6), st.sampled_from(["\n", "\r\n"]))
+def test_fast_vocab_reader_agrees_with_the_careful_one(lines, newline):
+    raw = (SINGLE_BYTES + "\n".join(lines)).replace("\n", newline).encode("utf-8")
+    fast = _read_common_lines(raw)
+    try:
+        careful = _read_lines(raw, Path("v"))
+    except TokenizerError:
+        assert fast is None  # read_vocab then raises the careful reader's error, with the line
+    else:
+        assert fast is not None and list(fast.items()) == list(careful.items())
 
 
 def test_missing_vocab_file(tmp_path):

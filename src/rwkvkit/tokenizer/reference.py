@@ -6,10 +6,16 @@ This is the reference the tests hold the fast engine to, and the engine itself w
 from __future__ import annotations
 
 import ast
+import re
 from os import PathLike
 from pathlib import Path
 
 from rwkvkit.errors import TokenizerError
+
+
+# A line in the form most vocab lines take: `<id> '<text without quote or backslash>' <length>`, or (the second
+# branch) any other line, which _parse_line then reads. One match per line, in order (see _read_common_lines).
+_LINE = re.compile(rb"^(?:([0-9]+) '([^'\\\n]*)' ([0-9]+)|.*?)\r?$", re.MULTILINE)
 
 
 def read_vocab(path: str | PathLike) -> dict[int, bytes]:
@@ -19,6 +25,49 @@ def read_vocab(path: str | PathLike) -> dict[int, bytes]:
         raw = path.read_bytes()
     except OSError as e:
         raise TokenizerError(f"cannot read vocab file {path}: {e.strerror or e}") from None
+    vocab = _read_common_lines(raw)
+    return vocab if vocab is not None else _read_lines(raw, path)
+
+
+def _read_common_lines(raw: bytes) -> dict[int, bytes] | None:
+    """The fast reader: most lines by one regex over the whole file, the rest by _parse_line. It returns what
+    _read_lines would, or None for a file that _read_lines would reject (which then says why and where)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    lines = raw.split(b"\n")
+    matches = _LINE.findall(raw)
+    if len(matches) != len(lines):  # cannot happen (one match per line), but then the careful reader decides
+        return None
+    vocab: dict[int, bytes] = {}
+    n_lines = 0
+    for (token_id, token, length), line in zip(matches, lines):
+        if token_id:  # the common form: the token is the quoted text's UTF-8 as it stands
+            token_id = int(token_id)
+            if len(token) != int(length):
+                return None
+        elif not line.strip():
+            continue
+        else:
+            try:
+                token_id, token, length = _parse_line(line)
+            except (ValueError, SyntaxError):
+                return None
+            if len(token) != length:
+                return None
+        vocab[token_id] = token
+        n_lines += 1
+    if len(vocab) != n_lines or 0 in vocab or min(vocab, default=0) < 0 or b"" in vocab.values():
+        return None
+    tokens = set(vocab.values())
+    if len(tokens) != n_lines or any(bytes([b]) not in tokens for b in range(256)):
+        return None
+    return vocab
+
+
+def _read_lines(raw: bytes, path: Path) -> dict[int, bytes]:
+    """The careful reader: line by line, raising at the first line that is wrong."""
     vocab: dict[int, bytes] = {}
     seen: set[bytes] = set()
     for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
@@ -26,10 +75,7 @@ def read_vocab(path: str | PathLike) -> dict[int, bytes]:
             continue
         where = f"{path}:{lineno}"
         try:
-            line = line_bytes.rstrip(b"\r").decode("utf-8")
-            first, last = line.index(" "), line.rindex(" ")
-            token_id, literal, length = int(line[:first]), line[first + 1 : last], int(line[last + 1 :])
-            token = _parse_literal(literal)
+            token_id, token, length = _parse_line(line_bytes)
         except (ValueError, SyntaxError) as e:
             raise TokenizerError(f"{where}: not a '<id> <literal> <length>' vocab line ({e})") from None
         if not token or len(token) != length:
@@ -43,6 +89,13 @@ def read_vocab(path: str | PathLike) -> dict[int, bytes]:
         # Greedy matching relies on every single byte being a token: then any byte string can be encoded.
         raise TokenizerError(f"{path}: vocab lacks single-byte tokens (first missing byte: {missing[0]:#04x})")
     return vocab
+
+
+def _parse_line(line_bytes: bytes) -> tuple[int, bytes, int]:
+    """(id, token, the length the line states); ValueError or SyntaxError for a line that is not one."""
+    line = line_bytes.rstrip(b"\r").decode("utf-8")
+    first, last = line.index(" "), line.rindex(" ")
+    return int(line[:first]), _parse_literal(line[first + 1 : last]), int(line[last + 1 :])
 
 
 def _parse_literal(literal: str) -> bytes:

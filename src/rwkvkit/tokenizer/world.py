@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterable
+from functools import cached_property
 from os import PathLike
 from pathlib import Path
 
@@ -59,8 +60,6 @@ class WorldTokenizer(Tokenizer):
         # The model's embedding must cover every id; RWKV pads its vocabularies to a multiple of 64 (65530 -> 65536).
         self.vocab_size = -(-(max(vocab) + 1) // 64) * 64
         self._vocab = vocab
-        self._token_lengths = [len(self._id_to_bytes.get(i, b"")) for i in range(max(vocab) + 1)]
-        self._max_token_len = max(self._token_lengths)
         self._trie: TrieEncoder | None = None
         self._native = _native_engine(self.vocab_file, vocab) if engine != "python" else None
         if engine == "native" and self._native is None:
@@ -128,7 +127,8 @@ class WorldTokenizer(Tokenizer):
         cuts = [n * k // pieces for k in range(pieces + 1)]
         spans = [(max(cuts[k] - PIECE_OVERLAP, 0), min(cuts[k + 1] + PIECE_OVERLAP, n)) for k in range(pieces)]
         encoded = self._native.encode_batch([text[start:end] for start, end in spans])
-        lengths, max_len = self._token_lengths, self._max_token_len
+        lengths = self._token_lengths
+        max_len = max(lengths)
         ids = encoded[0]
         for k in range(1, pieces):
             piece_ids = encoded[k]
@@ -152,6 +152,11 @@ class WorldTokenizer(Tokenizer):
                 return None
             ids = ids[: meet[0]] + piece_ids[meet[1] :]
         return ids
+
+    @cached_property
+    def _token_lengths(self) -> list[int]:
+        """Byte length per id, for stitching pieces (built on first use: most texts are never cut)."""
+        return [len(self._id_to_bytes.get(i, b"")) for i in range(max(self._vocab) + 1)]
 
     @property
     def _python(self) -> TrieEncoder:
