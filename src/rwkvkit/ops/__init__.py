@@ -36,10 +36,7 @@ def _import_kernel(op: str, module: str, name: str | None):
         found = importlib.import_module(f"rwkvkit.ops.{op}.{module}")
     except ImportError:
         return None
-    # torch.compile runs the kernel as one opaque call (it cannot trace the launch wrappers)
-    import torch
-
-    return torch.compiler.disable(getattr(found, name or f"{op}_triton"))
+    return getattr(found, name or f"{op}_triton")
 
 
 def require_triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None):

@@ -269,6 +269,7 @@ def _supported(r: torch.Tensor, v: torch.Tensor, cfg: KernelConfig) -> bool:
     return pow2_at_least_16(K) and pow2_at_least_16(V) and pow2_at_least_16(cfg.chunk) and K <= 128 and V <= 128
 
 
+@torch.compiler.disable  # one opaque call for torch.compile (it cannot trace the launch wrappers)
 def wkv6_triton(
     r: torch.Tensor,
     w: torch.Tensor,

@@ -439,7 +439,38 @@ def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig):
     return y, s_final, states, u
 
 
+def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: KernelConfig):
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    C = cfg.chunk
+    n_chunks = triton.cdiv(T, C)
+    bv = min(cfg.block_v, V)
+    ps, pc, pi = cfg.precisions()
+    dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
+    p1 = torch.empty_like(u)
+    dw_u = torch.empty_like(u)
+    wb = torch.empty(B, H, n_chunks * C, K, device=r.device, dtype=torch.float32)
+    dstates = torch.empty_like(states)
+    ds0 = torch.empty(B, H, V, K, device=r.device, dtype=torch.float32) if want_ds0 else dstates
+    chunks = (n_chunks, B * H)
+    _bwd_prep[chunks](r, w, a, b, dy, p1, wb, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
+    _bwd_state[(V // bv, B * H)](
+        r, w, a, dy, p1, wb, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
+        T, H, K, V, bv, C, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, num_warps=cfg.warps_seq,
+    )  # fmt: skip
+    grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
+    round_once = cfg.round_once and ps == pc == "tf32r"
+    ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
+    _bwd_chunk[chunks](
+        r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads,
+        T, H, K, V, C, ps_c, pc_c, round_once, num_warps=cfg.warps_grad,
+    )  # fmt: skip
+    return grads, (ds0 if want_ds0 else None)
+
+
 class _WKV7(torch.autograd.Function):
+    """Any KernelConfig (tests, benchmarks); the default config also has an op form for torch.compile below."""
+
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, cfg):
         y, s_final, states, u = _forward(r, w, k, v, a, b, s0, cfg)
@@ -451,36 +482,61 @@ class _WKV7(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds_final):
-        r, w, k, v, a, b, states, u = ctx.saved_tensors
-        cfg = ctx.cfg
-        B, T, H, K = r.shape
-        V = v.shape[-1]
-        C = cfg.chunk
-        n_chunks = triton.cdiv(T, C)
-        bv = min(cfg.block_v, V)
-        ps, pc, pi = cfg.precisions()
-        dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
         want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[6]
-        p1 = torch.empty_like(u)
-        dw_u = torch.empty_like(u)
-        wb = torch.empty(B, H, n_chunks * C, K, device=r.device, dtype=torch.float32)
-        dstates = torch.empty_like(states)
-        ds0 = torch.empty(B, H, V, K, device=r.device, dtype=torch.float32) if want_ds0 else dstates
-        chunks = (n_chunks, B * H)
-        _bwd_prep[chunks](r, w, a, b, dy, p1, wb, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
-        _bwd_state[(V // bv, B * H)](
-            r, w, a, dy, p1, wb, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
-            T, H, K, V, bv, C, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, num_warps=cfg.warps_seq,
-        )  # fmt: skip
-        grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-        round_once = cfg.round_once and ps == pc == "tf32r"
-        ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
-        _bwd_chunk[chunks](
-            r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads,
-            T, H, K, V, C, ps_c, pc_c, round_once, num_warps=cfg.warps_grad,
-        )  # fmt: skip
-        ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
-        return (*grads, ds0, None)
+        grads, ds0 = _backward(*ctx.saved_tensors, dy, ds_final, want_ds0, ctx.cfg)
+        return (*grads, None if ds0 is None else ds0.to(ctx.s0_dtype), None)
+
+
+# The same forward/backward as registered torch ops: torch.compile keeps them as single opaque calls inside its
+# graphs (an autograd.Function that launches Triton kernels would split the graph around it instead).
+@torch.library.custom_op("rwkvkit::wkv7_fwd", mutates_args=())
+def _wkv7_fwd_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, s0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    return _forward(r, w, k, v, a, b, s0, DEFAULT_CONFIG)
+
+
+@_wkv7_fwd_op.register_fake
+def _(r, w, k, v, a, b, s0):
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    n = -(-T // DEFAULT_CONFIG.chunk)
+    f32 = dict(device=r.device, dtype=torch.float32)
+    return (v.new_empty(B, T, H, V, dtype=r.dtype), r.new_empty(B, H, V, K, **f32),
+            r.new_empty(B, H, n, V, K, **f32), r.new_empty(B, H, n * DEFAULT_CONFIG.chunk, V, **f32))
+
+
+@torch.library.custom_op("rwkvkit::wkv7_bwd", mutates_args=())
+def _wkv7_bwd_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, states: torch.Tensor, u: torch.Tensor, dy: torch.Tensor,
+                 ds_final: torch.Tensor | None, want_ds0: bool) -> list[torch.Tensor]:
+    grads, ds0 = _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0, DEFAULT_CONFIG)
+    return grads + ([ds0] if want_ds0 else [])
+
+
+@_wkv7_bwd_op.register_fake
+def _(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0):
+    grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
+    B, T, H, K = r.shape
+    return grads + ([r.new_empty(B, H, v.shape[-1], K, dtype=torch.float32)] if want_ds0 else [])
+
+
+def _op_setup(ctx, inputs, output):
+    r, w, k, v, a, b, s0 = inputs
+    _, _, states, u = output
+    ctx.save_for_backward(r, w, k, v, a, b, states, u)
+    ctx.s0_dtype = None if s0 is None else s0.dtype
+
+
+def _op_backward(ctx, dy, ds_final, _d_states, _d_u):
+    want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[6]
+    r, w, k, v, a, b, states, u = ctx.saved_tensors
+    dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy
+    out = _wkv7_bwd_op(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0)
+    return (*out[:6], out[6].to(ctx.s0_dtype) if want_ds0 else None)
+
+
+_wkv7_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -523,6 +579,9 @@ def wkv7_triton(
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     s0 = None if initial_state is None else initial_state.contiguous()
     tensors = (r, w, k, v, a, b) + (() if s0 is None else (s0,))
+    if config is DEFAULT_CONFIG:
+        y, s_final, _, _ = _wkv7_fwd_op(r, w, k, v, a, b, s0)
+        return y, s_final
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return _WKV7.apply(r, w, k, v, a, b, s0, config)
     y, s_final, _, _ = _forward(r, w, k, v, a, b, s0, config)
