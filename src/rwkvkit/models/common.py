@@ -292,9 +292,13 @@ class RWKVModel(nn.Module):
             idx = idx.unsqueeze(0)
         if idx.shape[1] == 0:
             raise TokenizerError("empty token sequence")
-        if bool(((idx < 0) | (idx >= V)).any()):
-            bad = idx[(idx < 0) | (idx >= V)][0].item()
-            raise TokenizerError(f"token id {bad} is outside the vocabulary [0, {V})")
+        # Checked where the ids are: on the CPU that is free, on an accelerator it would be a host sync per call
+        # (per training micro-step). Ids already on an accelerator are not checked here: the embedding's own
+        # device-side bounds assertion stops a bad id there (a CUDA error at the next sync, not a TokenizerError).
+        if idx.device.type == "cpu":
+            outside = (idx < 0) | (idx >= V)
+            if bool(outside.any()):
+                raise TokenizerError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {V})")
         return idx.to(device=device, dtype=torch.long), single
 
     def _check_state(self, state: State, batch: int) -> None:
@@ -311,23 +315,32 @@ class RWKVModel(nn.Module):
 
     def _run(self, idx, state: State | None):
         idx, single = self._as_batch(idx)
-        B = idx.shape[0]
+        if state is not None:
+            self._check_state(state, idx.shape[0])
+        x, state = self.run_unchecked(idx, state)
+        return x, state, single
+
+    def run_unchecked(self, idx: torch.Tensor, state: State | None = None, run_block=None):
+        """The core of `hidden`, without its input checks: idx must be a [B, T] long tensor on the model's device
+        and state None or a State of this model and batch. Nothing in it waits for the device, so it can be
+        captured in a CUDA graph (`rwkvkit.runtime.decode`). `run_block(i, x, att_x, wkv, ffn_x, v_first)`, if
+        given, runs layer i in place of `self.blocks[i](...)` (the decoder passes compiled layer steps).
+        Returns (ln_out output [B, T, C], new State)."""
         x = self.emb(idx)
         if state is None:
-            state = State.zeros(self.config, B, device=x.device, dtype=x.dtype)
-        else:
-            self._check_state(state, B)
+            state = State.zeros(self.config, idx.shape[0], device=x.device, dtype=x.dtype)
         att_x, wkv, ffn_x = [], [], []
         v_first = None
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
-            x, ax, s, fx, v_first = block(x, state.att_x[i], state.wkv[i], state.ffn_x[i], v_first)
+            args = (x, state.att_x[i], state.wkv[i], state.ffn_x[i], v_first)
+            x, ax, s, fx, v_first = block(*args) if run_block is None else run_block(i, *args)
             att_x.append(ax)
             wkv.append(s)
             ffn_x.append(fx)
         new_state = State(torch.stack(att_x), torch.stack(wkv), torch.stack(ffn_x), self.config.version)
-        return self.ln_out(x), new_state, single
+        return self.ln_out(x), new_state
 
     def forward(self, idx, state: State | None = None):
         x, state, single = self._run(idx, state)

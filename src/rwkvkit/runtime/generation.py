@@ -233,7 +233,7 @@ def generate_tokens(
     for start in range(0, len(prompt_ids), step):
         idx = torch.tensor([prompt_ids[start : start + step]], dtype=torch.long, device=device)
         logits, state = last_logits(model, idx, state)
-    decode = DecodeStep(model, trace=max_tokens >= 100)  # tracing pays off only over many tokens
+    decode = _decode_step(model, state, max_tokens)
     logits = logits[0]
 
     sampler = Sampler(sampling, logits.shape[-1], seed=seed, device=logits.device)
@@ -257,6 +257,25 @@ def generate_tokens(
             return
         yield Chunk([token], text)
     yield Chunk([], "", "length", state)
+
+
+def _decode_step(model, state, max_tokens: int):
+    """The one-token step for the sampling loop. On CUDA: a `Decoder` replaying a CUDA graph of the model's step
+    (the same kernels as eager, so the same logits; torch.compile is left off: its start-up takes longer than most
+    generations). Elsewhere `DecodeStep`, tracing only where it pays off (over many tokens)."""
+    from rwkvkit.models import RWKVModel
+
+    if isinstance(model, RWKVModel) and model.emb.weight.device.type == "cuda":
+        from rwkvkit.runtime.decode import Decoder
+
+        decoder = Decoder(model, batch_size=1, cuda_graph=True, compile=False)
+        decoder.load_state(state)
+
+        def step(idx, _state):
+            return decoder.step(idx.view(1)), decoder.state
+
+        return step
+    return DecodeStep(model, trace=max_tokens >= 100)
 
 
 def _flush(text_stream: TextStream | None, stop_filter: StopFilter) -> str:

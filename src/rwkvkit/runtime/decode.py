@@ -1,0 +1,263 @@
+"""Fast RNN-mode decoding: a `Decoder` keeps the recurrent state of B streams in fixed buffers and steps them.
+
+    dec = Decoder(model, batch_size=4)            # on CUDA: CUDA graph + torch.compile'd layer step
+    logits = dec.prefill(prompt_ids, rows=[2])    # GPT mode for one stream, loaded into row 2 -> [1, V]
+    logits = dec.step([t0, t1, t2, t3])           # one token per stream -> [4, V]
+    dec.reset([1]); dec.load_state(saved, rows=[3]); saved = dec.state
+
+A one-token step is hundreds of tiny kernels (a 0.1B RWKV-7 layer alone launches about 80), so on a GPU its speed
+is set by launch overhead, not by the weights it reads. The decoder removes that overhead in two ways:
+
+- CUDA graph: the step is recorded once into a `torch.cuda.CUDAGraph` that reads the token ids and state from
+  static buffers and writes the new state back into them (`copy_` inside the graph); each token is then one
+  replay, with no Python or launch cost per kernel.
+- torch.compile (optional): the per-layer step is compiled first, fusing its element-wise ops. One function serves
+  every layer with the same code: the layer's weights are arguments (`torch.func.functional_call` on a template
+  block), so it is compiled once, not once per layer. RWKV-7's layer 0 runs different code (it defines the value
+  residual `v_first`), so it gets a second compiled function.
+
+The step runs the model's own code (`RWKVModel.run_unchecked`), so its results equal `model(ids, state)` token by
+token; only the fusion changes the rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkvkit.errors import ConfigError, TokenizerError
+from rwkvkit.models.common import RWKVModel, State
+
+# Steps run before capture: the first runs compile / load kernels and pick cuBLAS algorithms, none of which may
+# happen while recording.
+_WARMUP_STEPS = 3
+
+
+def _resolve(option, name: str, on_cuda: bool) -> bool:
+    if option == "auto":
+        return on_cuda
+    if not isinstance(option, bool):
+        raise ConfigError(f"{name} must be True, False or 'auto', got {option!r}")
+    return option
+
+
+class Decoder:
+    """One-token steps for `batch_size` independent streams of a loaded rwkvkit model (any version).
+
+    cuda_graph: "auto" (on CUDA), True or False. compile: "auto" (on CUDA), True or False: torch.compile the
+    per-layer step (seconds of start-up, fewer and fused kernels per token). The model is used as it is (put it
+    in eval mode and the dtype you want); its weights must not be replaced while a graph holds their addresses
+    (changing their values in place is fine). Not thread-safe: one decoder per serving loop.
+    """
+
+    def __init__(self, model: RWKVModel, batch_size: int = 1, cuda_graph="auto", compile="auto"):
+        if not isinstance(model, RWKVModel):
+            raise ConfigError(f"Decoder needs an rwkvkit model, got {type(model).__name__}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.device = model.emb.weight.device
+        on_cuda = self.device.type == "cuda"
+        self.use_graph = _resolve(cuda_graph, "cuda_graph", on_cuda)
+        self.use_compile = _resolve(compile, "compile", on_cuda)
+        if self.use_graph and not on_cuda:
+            raise ConfigError(f"cuda_graph=True needs a model on CUDA, this one is on {self.device}")
+        self.vocab_size = model.config.vocab_size
+        self._state = model.zero_state(batch_size)  # the static state buffers, updated in place by each step
+        self._tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self._run_block = self._compiled_layers() if self.use_compile else None
+        self._graph = None
+        self._graph_logits = None
+
+    # ---------------------------------------------------------------- state of the streams
+
+    @property
+    def state(self) -> State:
+        """A copy of every stream's state (rows = streams)."""
+        return self._state.clone()
+
+    def load_state(self, state: State, rows=None) -> None:
+        """Copy `state` into the given batch rows (default: all rows; then state has batch_size rows)."""
+        index = self._rows(rows)
+        self.model._check_state(state, len(index))
+        for name in ("att_x", "wkv", "ffn_x"):
+            dst = getattr(self._state, name)
+            dst[:, index] = getattr(state, name).to(device=dst.device, dtype=dst.dtype)
+
+    def reset(self, rows=None) -> None:
+        """Start the given rows (default: all) from the empty state."""
+        index = self._rows(rows)
+        self.load_state(self.model.zero_state(len(index)), index)
+
+    def _rows(self, rows) -> list[int]:
+        if rows is None:
+            return list(range(self.batch_size))
+        index = [rows] if isinstance(rows, int) else [int(r) for r in rows]
+        if not index or len(set(index)) != len(index) or not all(0 <= r < self.batch_size for r in index):
+            raise ConfigError(f"rows must be distinct batch rows in [0, {self.batch_size}), got {rows!r}")
+        return index
+
+    # ---------------------------------------------------------------- running
+
+    @torch.no_grad()
+    def prefill(self, ids, state: State | None = None, rows=None) -> torch.Tensor:
+        """Run prompts in GPT mode (the model's normal forward, chunked / Triton WKV) and load the resulting
+        states into `rows` (default: all). ids: [R, T] (R = number of rows, all prompts of one length) or a list
+        of ids / 1-D tensor for one row. Starts from `state` ([R] rows) or the empty state, not from what the
+        rows held. Returns the logits after the last prompt token, [R, V]."""
+        index = self._rows(rows)
+        hidden, new_state = self.model.hidden(ids, state)
+        if hidden.dim() == 2:  # a single sequence
+            hidden = hidden.unsqueeze(0)
+        if hidden.shape[0] != len(index):
+            raise ConfigError(f"prefill got {hidden.shape[0]} sequences for {len(index)} rows")
+        self.load_state(new_state, index)
+        return self.model.head(hidden[:, -1])
+
+    @torch.no_grad()
+    def step(self, tokens) -> torch.Tensor:
+        """Feed one token per stream (a list of batch_size ints, or a [B] / [B, 1] tensor) and return the logits
+        [B, V] (a fresh tensor, not overwritten by later steps). Ids from the CPU are range-checked there; ids
+        already on the GPU are not (no sync): a bad one trips the embedding's device-side assertion."""
+        self._set_tokens(tokens)
+        if not self.use_graph:
+            return self._step_into_state()
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self._graph_logits.clone()
+
+    def _set_tokens(self, tokens) -> None:
+        if not isinstance(tokens, torch.Tensor):
+            try:
+                tokens = torch.tensor(tokens, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise TokenizerError("step() takes one integer token id per stream") from None
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.numel() != self.batch_size:
+            raise TokenizerError(
+                f"step() takes {self.batch_size} integer token id(s), got {tokens.dtype} {list(tokens.shape)}"
+            )
+        if tokens.device.type == "cpu":
+            outside = (tokens < 0) | (tokens >= self.vocab_size)
+            if bool(outside.any()):
+                bad = tokens[outside][0].item()
+                raise TokenizerError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        self._tokens.copy_(tokens.reshape(self.batch_size, 1), non_blocking=True)
+
+    def _step_into_state(self) -> torch.Tensor:
+        """The whole step on the static buffers; this is what the CUDA graph records."""
+        hidden, new = self.model.run_unchecked(self._tokens, self._state, self._run_block)
+        for name in ("att_x", "wkv", "ffn_x"):
+            getattr(self._state, name).copy_(getattr(new, name))
+        return self.model.head(hidden[:, -1])
+
+    def _capture(self) -> None:
+        saved = self._state.clone()  # the warm-up steps below advance the streams; capture itself runs nothing
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(_WARMUP_STEPS):
+                self._step_into_state()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_logits = self._step_into_state()
+        self._graph = graph
+        self.load_state(saved)
+
+    # ---------------------------------------------------------------- torch.compile of the layer step
+
+    def _compiled_layers(self):
+        """run_block(i, ...) for `run_unchecked`: layer i's step through a compiled function shared by all layers
+        with the same code, the layer's weights passed in as arguments."""
+        from torch.func import functional_call
+
+        blocks = self.model.blocks
+        # RWKV-7's layer 0 runs different code (it produces v_first); in v4-v6 block 0 differs only by ln0,
+        # which run_unchecked applies outside the block.
+        own_first = self.model.config.version == "7" or len(blocks) == 1
+        template = blocks[1] if len(blocks) > 1 else blocks[0]
+
+        matvec = _MatvecAsReduction.make() if self.batch_size == 1 else None
+        options = {"post_grad_custom_post_pass": matvec} if matvec is not None else None
+
+        def compiled(block):
+            def layer(params, x, att_x, wkv, ffn_x, v_first):
+                return functional_call(block, params, (x, att_x, wkv, ffn_x, v_first))
+
+            return torch.compile(layer, dynamic=False, options=options)
+
+        _allow_recompiles_per_decoder()
+        shared = compiled(template)
+        first = compiled(blocks[0]) if own_first else shared
+        names = {name for name, _ in template.named_parameters()}
+        # detached: plain tensors sharing the weights' storage (no autograd, and no per-Parameter guards)
+        params = [
+            {n: p.detach() for n, p in b.named_parameters() if (i == 0 and own_first) or n in names}
+            for i, b in enumerate(blocks)
+        ]
+        fns = [first] + [shared] * (len(blocks) - 1)
+
+        def run_block(i, *args):
+            return fns[i](params[i], *args)
+
+        return run_block
+
+
+def _allow_recompiles_per_decoder() -> None:
+    """Every decoder's layer functions share one code object, and dynamo caches a limited number of compiled
+    variants per code object (8 by default) before it silently runs eagerly: two per (model, batch size) would
+    hit that after four decoders. Raise the limit (a process-wide setting) so each decoder gets its compile."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
+
+
+
+class _MatvecAsReduction:
+    """An Inductor post-grad pass for batch-1 decoding: one-row products (`x @ W` with x [1, K], and the WKV
+    step's matrix-vector `bmm`s) become multiply + sum, which Inductor fuses with the element-wise ops around them.
+
+    At batch 1 a cuBLAS call costs 2-6 us even for a LoRA matrix of a few KB, and an RWKV-7 layer makes 16 of
+    them: the step is latency-bound, not bandwidth-bound. As reductions they join the neighbouring kernels (H100,
+    fp16, one-token WKV step in PyTorch: 0.1B 978 -> 1,484 tok/s, 1.5B 334 -> 440; the big matrices included:
+    leaving those to cuBLAS measured slower). Built on Inductor's pattern matcher, an internal API: where it is missing,
+    `make()` returns None and the layers compile without the pass.
+    """
+
+    @staticmethod
+    def make():
+        try:
+            from torch._inductor.custom_graph_pass import CustomGraphPass
+            from torch._inductor.pattern_matcher import Arg, CallFunction, PatternMatcherPass, register_graph_pattern
+        except ImportError:
+            return None
+        aten = torch.ops.aten
+        patterns = PatternMatcherPass()
+
+        def shapes(*nodes):
+            vals = [n.meta.get("val") if hasattr(n, "meta") else None for n in nodes]
+            return None if any(v is None or not isinstance(v, torch.Tensor) for v in vals) else [v.shape for v in vals]
+
+        @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=patterns)
+        def matvec(match, mat1, mat2):
+            sizes = shapes(mat1, mat2)
+            if sizes and sizes[0][0] == 1:
+                match.replace_by_example(lambda a, b: (a[:, :, None] * b[None]).sum(1).to(a.dtype), [mat1, mat2])
+
+        @register_graph_pattern(CallFunction(aten.bmm, Arg(), Arg()), pass_dict=patterns)
+        def batched_matvec(match, mat1, mat2):
+            sizes = shapes(mat1, mat2)
+            if sizes and (sizes[0][1] == 1 or sizes[1][2] == 1):
+                match.replace_by_example(
+                    lambda a, b: (a[:, :, :, None] * b[:, None]).sum(2).to(a.dtype), [mat1, mat2]
+                )
+
+        class Pass(CustomGraphPass):
+            def __call__(self, graph):
+                patterns.apply(graph)
+
+            def uuid(self):  # what Inductor's compile cache keys on
+                return "rwkvkit-matvec-as-reduction-1"
+
+        return Pass()

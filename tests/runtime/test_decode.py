@@ -1,0 +1,202 @@
+"""runtime.decode.Decoder: its steps equal the model's forward, streams stay independent, rows swap cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkvkit.errors import ConfigError, TokenizerError
+from rwkvkit.models.checkpoint import model_from_state_dict, read_checkpoint
+from rwkvkit.runtime.decode import Decoder
+from rwkvkit.runtime.generation import generate_tokens
+from rwkvkit.runtime.sampling import SamplingParams
+
+VERSIONS = ["4", "5.2", "6", "7"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from runtime_helpers import official_state_dict
+
+    out = {}
+    for version in VERSIONS:
+        path = tmp_path_factory.mktemp("decode") / f"v{version}.pth"
+        torch.save(official_state_dict(version, seed=3), path)
+        sd, config = read_checkpoint(path)
+        out[version] = model_from_state_dict(sd, config).eval()
+    return out
+
+
+def _ids(batch, length, seed=0):
+    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a, b, tol=1e-4):
+    assert (a - b).abs().max().item() < tol * max(1.0, b.abs().max().item())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_steps_equal_forward_and_streams_are_independent(models, version):
+    model = models[version]
+    ids = _ids(3, 12, seed=1)
+    ref, ref_state = model(ids)
+    dec = Decoder(model, batch_size=3)
+    assert not dec.use_graph and not dec.use_compile  # CPU defaults
+    steps = torch.stack([dec.step(ids[:, t]) for t in range(ids.shape[1])], 1)
+    _close(steps, ref)
+    _close(dec.state.wkv, ref_state.wkv)
+    # one stream alone gives its row of the batched run
+    alone = Decoder(model, batch_size=1)
+    row = torch.stack([alone.step(ids[1, t : t + 1]) for t in range(ids.shape[1])], 1)
+    _close(row[0], ref[1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_prefill_then_steps_equal_forward_of_whole_sequence(models, version):
+    model = models[version]
+    ids = _ids(2, 20, seed=2)
+    ref, _ = model(ids)
+    dec = Decoder(model, batch_size=2)
+    logits = dec.prefill(ids[:, :15])
+    _close(logits, ref[:, 14])
+    for t in range(15, 20):
+        _close(dec.step(ids[:, t]), ref[:, t])
+
+
+@torch.no_grad()
+def test_rows_swap_in_and_out(models):
+    model = models["7"]
+    a, b = _ids(1, 10, seed=4)[0].tolist(), _ids(1, 10, seed=5)[0].tolist()
+    ref_a, state_a = model(a)
+    ref_b, _ = model(b)
+    dec = Decoder(model, batch_size=2)
+    dec.prefill(a[:6], rows=[1])  # stream a in row 1, row 0 empty
+    saved = dec.state.select(1)  # park stream a
+    logits = dec.prefill(b[:6], rows=1)  # stream b takes row 1 ...
+    _close(logits[0], ref_b[5])
+    dec.load_state(saved, rows=[0])  # ... and a comes back in row 0
+    for t in range(6, 10):
+        out = dec.step([a[t], b[t]])
+        _close(out[0], ref_a[t])
+        _close(out[1], ref_b[t])
+    _close(dec.state.select(0).wkv, state_a.wkv)
+    dec.reset(rows=[0])
+    _close(dec.step([a[0], b[0]])[0], ref_a[0])
+
+
+def test_bad_input_is_a_clear_error(models):
+    dec = Decoder(models["7"], batch_size=2)
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        dec.step([1, 97])
+    with pytest.raises(TokenizerError, match="2 integer token"):
+        dec.step([1])
+    with pytest.raises(ConfigError, match="rows"):
+        dec.reset(rows=[2])
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        Decoder(models["7"], cuda_graph=True)
+
+
+@torch.no_grad()
+def test_model_checks_cpu_ids_before_the_transfer(models):
+    model = models["7"]
+    with pytest.raises(TokenizerError, match="token id 97"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(TokenizerError, match="token id -1"):
+        model([3, -1])
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_layer_step_matches_eager_and_compiles_once():
+    """The compiled path on CPU: layers > 0 share one compiled function (weights as arguments), layer 0 has one."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    from rwkvkit.models import build_model
+    from rwkvkit.models.common import RWKVConfig
+
+    torch.manual_seed(0)
+    model = build_model(RWKVConfig("7", n_layer=4, n_embd=64, vocab_size=97, head_size=16), init=True).eval()
+    for p in model.parameters():  # the init zeroes some matrices: make every path count
+        p.add_(torch.randn_like(p) * 0.1)
+    ids = _ids(1, 6, seed=6)
+    ref, _ = model(ids)
+    counters.clear()
+    dec = Decoder(model, batch_size=1, compile=True)  # batch 1: with the matrix-vector pass
+    steps = torch.stack([dec.step(ids[:, t]) for t in range(ids.shape[1])], 1)
+    _close(steps, ref, tol=1e-3)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+@torch.no_grad()
+def test_generation_is_unchanged_by_the_decoder_path(models):
+    """generate_tokens on CPU keeps its traced step; greedy text from a prefill equals stepping by hand."""
+    model = models["7"]
+    prompt = _ids(1, 8, seed=7)[0].tolist()
+    chunks = list(generate_tokens(model, prompt, max_tokens=5, sampling=SamplingParams(temperature=0)))
+    got = [t for c in chunks for t in c.tokens]
+    dec = Decoder(model)
+    logits = dec.prefill(prompt)[0]
+    want = []
+    for _ in range(5):
+        want.append(int(logits.argmax()))
+        logits = dec.step([want[-1]])[0]
+    assert got == want
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def _copy(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(device="cuda", dtype=dtype)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_cuda_graph_matches_eager(models, version, compile):
+    model = _copy(models[version], torch.float32)
+    ids = _ids(4, 10, seed=8).cuda()
+    eager = Decoder(model, batch_size=4, cuda_graph=False, compile=False)
+    fast = Decoder(model, batch_size=4, cuda_graph=True, compile=compile)
+    for t in range(ids.shape[1]):
+        _close(fast.step(ids[:, t]), eager.step(ids[:, t]), tol=1e-3)
+    _close(fast.state.wkv, eager.state.wkv, tol=1e-3)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_fp16_graph_decode_tracks_fp32(models):
+    ref_model = _copy(models["7"], torch.float32)
+    model = _copy(models["7"], torch.float16)
+    ids = _ids(1, 30, seed=9).cuda()
+    ref, _ = ref_model(ids)
+    dec = Decoder(model)  # defaults on CUDA: graph + compile, at batch 1 with the matrix-vector pass
+    assert dec.use_graph and dec.use_compile
+    logits = dec.prefill(ids[:, :20])
+    steps = [logits] + [dec.step(ids[:, t]) for t in range(20, 30)]
+    got = torch.stack(steps, 1).float()
+    rel = (got - ref[:, 19:]).norm() / ref[:, 19:].norm()
+    assert rel < 2e-2
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_generation_uses_the_graph_and_keeps_its_tokens(models):
+    model = _copy(models["7"], torch.float32)
+    prompt = _ids(1, 8, seed=10)[0].tolist()
+    chunks = list(generate_tokens(model, prompt, max_tokens=6, sampling=SamplingParams(temperature=0)))
+    got = [t for c in chunks for t in c.tokens]
+    ids, state, want = torch.tensor([prompt], device="cuda"), None, []
+    for _ in range(6):
+        logits, state = model(ids, state)
+        want.append(int(logits[0, -1].argmax()))
+        ids = torch.tensor([[want[-1]]], device="cuda")
+    assert got == want
+    _, state = model(ids, state)  # the final state has taken the last token too
+    _close(chunks[-1].state.wkv, state.wkv, tol=1e-3)
