@@ -26,13 +26,14 @@ def wkv6(
     All per-token inputs [B, T, H, N]; w = log of the decay (<= 0), u = bonus [H, N]. RWKV-5 passes a time-constant
     w. State [B, H, N_k, N_v] float32 (key-major, the official v5/v6 layout). Returns y in r's dtype and the final
     state in float32. Inputs are never modified.
-    impl: "auto" (triton on CUDA when available, a single-step path for T == 1, else chunked), "naive",
+    impl: "auto" (a single-step path for T == 1, else triton on CUDA when available, else chunked), "naive",
     "chunked" or "triton".
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv6 impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        kernel = triton_kernel("wkv6") if r.is_cuda else None
+        # one token: the plain step (a few small products that torch.compile fuses) beats launching the kernels
+        kernel = triton_kernel("wkv6") if r.is_cuda and r.shape[1] > 1 else None
         if kernel is not None:
             return kernel(r, w, k, v, u, initial_state)
         impl = "chunked"  # which itself takes the single-step path when T == 1
