@@ -264,33 +264,39 @@ def report(results: dict, bandwidth: float) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for size, r in results.items():
-        ours, official = r["ours"], r.get("official") or {}
-        bound = bandwidth / ours["bytes_per_token"]
-        lines.append(
-            f"| {size} | bandwidth bound, bsz1 ({ours['bytes_per_token'] / 1e6:,.0f} MB/token) | {_fmt(bound)} tok/s |"
-            " | | 100% |"
-        )
-        off_decode = official.get("decode")
-        if off_decode:
-            lines.append(f"| {size} | decode bsz1, official | | {_fmt(off_decode)} tok/s | | {100 * off_decode / bound:.1f}% |")
-        for name, rate in ours["decode"].items():
-            batched = name.startswith("B=")
-            ratio = f"{rate / off_decode:.1f}x" if off_decode and not batched else ""
-            pct = "" if batched else f"{100 * rate / bound:.1f}%"
-            lines.append(f"| {size} | decode {name if batched else 'bsz1 ' + name} | {_fmt(rate)} tok/s | | {ratio} | {pct} |")
-        off_prefill = official.get("prefill")
-        ratio = f"{ours['prefill'] / off_prefill:.2f}x" if off_prefill else ""
-        lines.append(
-            f"| {size} | prefill {PREFILL} tokens | {_fmt(ours['prefill'])} tok/s | {_fmt(off_prefill)} tok/s | {ratio} | |"
-        )
-        if "cold_start" in r:
-            lines.append(f"| {size} | cold start to first token (fresh caches) | {r['cold_start']:.1f} s | | | |")
-        off_err = f"{r['rel_err_vs_official']:.2e}" if "rel_err_vs_official" in r else "-"
-        lines.append(
-            f"| {size} | logits rel. error: fp16 decoder vs our fp32 / vs official fp16 | "
-            f"{ours['rel_err_vs_fp32']:.2e} | {off_err} | | |"
-        )
-        lines.append(f"| {size} | torch.compile graphs for the bsz1 decoder | {ours['compiled_graphs']} | | | |")
+        lines += report_rows(size, r, bandwidth)
+    return lines
+
+
+def report_rows(size: str, r: dict, bandwidth: float) -> list[str]:
+    lines = []
+    ours, official = r["ours"], r.get("official") or {}
+    bound = bandwidth / ours["bytes_per_token"]
+    lines.append(
+        f"| {size} | bandwidth bound, bsz1 ({ours['bytes_per_token'] / 1e6:,.0f} MB/token) | {_fmt(bound)} tok/s |"
+        " | | 100% |"
+    )
+    off_decode = official.get("decode")
+    if off_decode:
+        lines.append(f"| {size} | decode bsz1, official | | {_fmt(off_decode)} tok/s | | {100 * off_decode / bound:.1f}% |")
+    for name, rate in ours["decode"].items():
+        batched = name.startswith("B=")
+        ratio = f"{rate / off_decode:.1f}x" if off_decode and not batched else ""
+        pct = "" if batched else f"{100 * rate / bound:.1f}%"
+        lines.append(f"| {size} | decode {name if batched else 'bsz1 ' + name} | {_fmt(rate)} tok/s | | {ratio} | {pct} |")
+    off_prefill = official.get("prefill")
+    ratio = f"{ours['prefill'] / off_prefill:.2f}x" if off_prefill else ""
+    lines.append(
+        f"| {size} | prefill {PREFILL} tokens | {_fmt(ours['prefill'])} tok/s | {_fmt(off_prefill)} tok/s | {ratio} | |"
+    )
+    if "cold_start" in r:
+        lines.append(f"| {size} | cold start to first token (fresh caches) | {r['cold_start']:.1f} s | | | |")
+    off_err = f"{r['rel_err_vs_official']:.2e}" if "rel_err_vs_official" in r else "-"
+    lines.append(
+        f"| {size} | logits rel. error: fp16 decoder vs our fp32 / vs official fp16 | "
+        f"{ours['rel_err_vs_fp32']:.2e} | {off_err} | | |"
+    )
+    lines.append(f"| {size} | torch.compile graphs for the bsz1 decoder | {ours['compiled_graphs']} | | | |")
     return lines
 
 
@@ -339,6 +345,8 @@ def main(argv=None) -> int:
             if not args.skip_cold_start:
                 r["cold_start"] = measure_cold_start(paths[size], workdir)
             print(f"{size}: {time.perf_counter() - t:.0f} s", flush=True)
+            # each model's rows as soon as they exist: a run cut off by a time limit still reports what it measured
+            print("\n".join(report_rows(size, r, bandwidth)), flush=True)
     print("\n".join(report(results, bandwidth)))
     if args.json:
         for r in results.values():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rwkvkit.models.checkpoint import load_checkpoint
+from rwkvkit.ops.testing import rel_rms
 
 pytestmark = pytest.mark.gpu
 
@@ -23,8 +24,9 @@ def test_cuda_fp32_matches_cpu(make_checkpoint, version):
     idx = _tokens(2, 100)
     ref, ref_state = load_checkpoint(path).eval()(idx)
     out, state = load_checkpoint(path, device="cuda").eval()(idx.cuda())
-    assert (out.cpu() - ref).abs().max() < 2e-3
-    assert (state.wkv.cpu() - ref_state.wkv).abs().max() < 2e-3
+    # the Triton WKV kernels multiply tf32-rounded operands on the tensor cores (docs/gpu.md): ~1e-3 relative
+    assert rel_rms(out.cpu(), ref) < 3e-3
+    assert rel_rms(state.wkv.cpu(), ref_state.wkv) < 3e-3
 
 
 @torch.no_grad()
