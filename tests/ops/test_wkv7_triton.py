@@ -171,9 +171,10 @@ def test_model_compiles_without_graph_breaks_and_keeps_gradients(monkeypatch):
     model = build_model(RWKVConfig("7", 3, 4 * HEAD, 100, head_size=HEAD), init=True).to(DEVICE)
     idx = torch.randint(0, 100, (2, 21), device=DEVICE)
 
-    def loss_and_grads():
+    def loss_and_grads():  # under bf16 autocast, as training runs (it once broke compiled autograd)
         model.zero_grad()
-        loss = lm_loss(model.hidden(idx)[0], model.head.weight, idx)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = lm_loss(model.hidden(idx)[0], model.head.weight, idx, compute_dtype=torch.bfloat16)
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -185,6 +186,7 @@ def test_model_compiles_without_graph_breaks_and_keeps_gradients(monkeypatch):
     loss_compiled, grads_compiled = loss_and_grads()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert not torch._dynamo.utils.counters["graph_break"]
-    assert abs(loss_compiled - loss_eager) < 1e-5
-    for g, g0 in zip(grads_compiled, grads_eager):  # some are exactly zero (fresh init), hence the floor
-        assert (g - g0).norm() <= 1e-3 * g0.norm() + 1e-7
+    # bf16 activations: fused kernels round differently from eager ones, but the results must agree closely
+    assert abs(loss_compiled - loss_eager) < 1e-2
+    for g, g0 in zip(grads_compiled, grads_eager):  # (measured: worst 4.6e-3) some are exactly zero at init
+        assert (g - g0).norm() <= 2e-2 * g0.norm() + 1e-6

@@ -70,7 +70,9 @@ class TimeMix(nn.Module):
         k = self.key(xk)
         v = self.value(xv)
         if self.defines_v_first:
-            v_first = v
+            # a copy, not an alias of v: torch.compile's autograd mishandles an output that aliases a tensor
+            # viewed again inside the graph (seen under bf16 autocast); [B, T, C] once per step is cheap
+            v_first = v.clone()
         else:  # value residual: mix in layer 0's value, per channel and token
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
