@@ -170,3 +170,19 @@ def test_checkpointing_and_accumulation_keep_the_losses(corpus, tmp_path, refere
         # 2 x 2 samples accumulated = the same 4 samples per step (the sampler counts micro-steps), and L2Wrap's
         # gradient is scaled with the loss: equal up to float summation order
         assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_a_token_id_outside_the_vocab_stops_with_a_data_error(corpus, tmp_path):
+    """Checked on the host before the batch moves to the device (where it would be a device-side assert)."""
+    from rwkvkit.errors import DataError
+    from rwkvkit.models import RWKVConfig, build_model
+    from rwkvkit.train import parallel
+    from rwkvkit.train.data import open_pretrain_data
+    from rwkvkit.train.loop import Trainer
+
+    mc = RWKVConfig("7", 1, 64, 16, head_size=32)  # the corpus uses ids up to 127
+    model = build_model(mc, init=True)
+    trainer = Trainer(tiny_config(corpus, tmp_path), model, open_pretrain_data(str(corpus), 32, 4),
+                      parallel.DistInfo(), model_config=mc.to_dict())
+    with pytest.raises(DataError, match=r"micro-step 0: the data holds token id \d+ but the model's vocab_size is 16"):
+        trainer.fit()

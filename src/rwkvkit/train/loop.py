@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rwkvkit.errors import RwkvkitError
+from rwkvkit.errors import DataError, RwkvkitError
 from rwkvkit.train import checkpoint as ckpt
 from rwkvkit.train import parallel
 from rwkvkit.train.config import PretrainConfig
@@ -229,7 +229,13 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def _micro_batch(self, micro_step: int, last: bool) -> torch.Tensor:
-        idx, targets, mask = self.data.batch(micro_step, self.info.rank).to_torch(self.info.device)
+        batch = self.data.batch(micro_step, self.info.rank)
+        # checked here, on the host copy: on a GPU a bad id would only surface as a device-side assertion
+        top = int(max(batch.input_ids.max(), batch.targets.max()))
+        if top >= self.model.config.vocab_size:
+            raise DataError(f"micro-step {micro_step}: the data holds token id {top} but the model's vocab_size "
+                            f"is {self.model.config.vocab_size}")
+        idx, targets, mask = batch.to_torch(self.info.device)
         sync = contextlib.nullcontext()
         if not last and isinstance(self.objective, nn.parallel.DistributedDataParallel):
             sync = self.objective.no_sync()  # all-reduce gradients once per optimizer step
