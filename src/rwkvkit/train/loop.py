@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +59,31 @@ class LMObjective(nn.Module):
         hidden, _ = self.model.hidden(idx)
         return lm_loss(hidden, self.model.head.weight, targets, mask, chunk=self.head_chunk,
                        compute_dtype=self.compute_dtype)
+
+
+class _StopOnInterrupt:
+    """While training: the first Ctrl-C (SIGINT) asks the trainer to finish the current step, save a checkpoint
+    and stop; a second one interrupts at once. Only where Python delivers signals (the main thread)."""
+
+    def __init__(self, log):
+        self.requested = False
+        self.log = log
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.log:
+            self.log.message("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)")
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def write_recipe(path: Path, cfg: PretrainConfig) -> None:
@@ -268,6 +295,7 @@ class Trainer:
                 log.message(f"resumed from step {self.step} ({self.step * self.tokens_per_step} tokens)")
         last_good = ckpt.list_checkpoints(self.out_dir)
         o = cfg.optim
+        stop = _StopOnInterrupt(log)
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -276,8 +304,10 @@ class Trainer:
                 set_lr(self.optimizer, lr)
                 loss = sum(self._micro_batch(self.step * acc + a, a == acc - 1) for a in range(acc)) / acc
                 grad_norm = self._clip()
-                stats = parallel.all_mean(torch.stack([loss, grad_norm.float().to(loss.device)]), info)
-                loss_v, norm_v = stats.tolist()
+                # one all-reduce carries the stop request too, so that every rank stops after the same step
+                flag = torch.tensor(float(stop.requested), device=loss.device)
+                stats = parallel.all_mean(torch.stack([loss, grad_norm.float().to(loss.device), flag]), info)
+                loss_v, norm_v, stop_v = stats.tolist()
                 if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
                     what = "loss" if not math.isfinite(loss_v) else "gradient norm"
                     where = f"the last good checkpoint is {last_good[-1]}" if last_good else "no checkpoint was written"
@@ -303,12 +333,19 @@ class Trainer:
                     self._end_mini_epoch(epoch_done - 1, lr, log)
                 if self.step < self.total_steps and cfg.run.save_every and self.step % cfg.run.save_every == 0:
                     last_good = [self.save()]
+                if stop_v > 0 and self.step < self.total_steps:
+                    path = self.save()
+                    if log:
+                        log.message(f"interrupted after step {self.step}: checkpoint {path}; continue with "
+                                    f"--run.resume auto")
+                    raise KeyboardInterrupt
             final = self.save()
             self.export("rwkv-final")
             if log:
                 log.message(f"done: {self.step} steps, {self.step * self.tokens_per_step} tokens; "
                             f"checkpoint {final}; weights {self.out_dir / 'rwkv-final.pth'}")
         finally:
+            stop.restore()
             if log:
                 log.close()
         if info.is_main:
