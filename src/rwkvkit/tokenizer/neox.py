@@ -52,6 +52,10 @@ class NeoXTokenizer(Tokenizer):
             raise TokenizerError(f"{self.path} is not a tokenizers JSON file ({str(e).strip()[:200]})") from None
         self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         self._id_to_bytes = _byte_table(self._hf)
+        # Models pad the embedding to a multiple of 64 (50277 -> 50304); a sampled padding id decodes to nothing,
+        # as in the official pipeline (HF tokenizers skips ids it does not know). Ids past the padding still raise.
+        for padding_id in range(self.vocab_size, -(-self.vocab_size // 64) * 64):
+            self._id_to_bytes.setdefault(padding_id, b"")
 
     def encode(self, text: str) -> list[int]:
         try:
