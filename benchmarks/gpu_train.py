@@ -68,6 +68,12 @@ def fla_model(L, D, B, T, steps, warmup):
     return tps, torch.cuda.max_memory_allocated() / 2**30, n_params
 
 
+def _print_row(row):
+    """Each result as soon as it exists (a run cut off by a time limit still shows it)."""
+    size, name, tps, mfu, mem = row
+    print(f"{size} {name}: {tps:,.0f} tokens/s, MFU {mfu:.1%}, peak {mem:.1f} GiB", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
@@ -96,12 +102,14 @@ def main():
         flops = matmul_flops_per_token(build_model(RWKVConfig("7", L, D, 65536), init=False))
         tps, mem = ours(L, D, B, T, args.steps, args.warmup, args.profile, shlex.split(args.ours_extra))
         rows.append((size, "rwkvkit", tps, tps * flops / peak, mem))
+        _print_row(rows[-1])
         gc.collect()
         torch.cuda.empty_cache()
         if not args.skip_fla:
             try:
                 f_tps, f_mem, f_params = fla_model(L, D, B, T, args.steps, args.warmup)
                 rows.append((size, "fla RWKV7ForCausalLM", f_tps, f_tps * 6 * f_params / peak, f_mem))
+                _print_row(rows[-1])
             except Exception as e:  # report the peer's failure in the table instead of losing our row
                 rows.append((size, f"fla: {repr(e)[:70]}", float("nan"), float("nan"), float("nan")))
             gc.collect()
