@@ -85,7 +85,7 @@ def test_bad_inputs_are_clear_errors(v6_model, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         RWKV(model=str(tmp_path / "missing"), strategy="cpu fp32")
     with pytest.raises(ConfigError, match="quantization"):
-        RWKV(model=str(tmp_path / "missing"), strategy="cpu fp32i8")
+        RWKV(model=str(tmp_path / "missing"), strategy="cpu fp32i4")
 
 
 class ListTokenizer:

@@ -32,8 +32,9 @@ def test_the_full_official_grammar_parses_into_stages():
 @pytest.mark.parametrize(
     "text,reason",
     [
-        ("cpu fp32i8", "quantization"),
-        ("cuda fp16i4", "quantization"),  # the official package quietly runs this as plain fp16
+        ("cpu fp32i4", "quantization"),
+        ("cuda fp16i4", "quantization"),
+        ("cpu fp32i8 *6 -> cpu fp32", "several devices or dtypes"),  # the official package quietly runs this as plain fp16
         ("cpu fp32 *2+", "streaming"),
         ("cuda fp16 *10 -> cpu fp32", "several devices"),
         ("cpu fp32 *6 -> cpu bf16", "several devices or dtypes"),
@@ -55,3 +56,9 @@ def test_unsupported_or_invalid_strategies_are_refused_loudly(text, reason):
 def test_cuda_without_a_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="CUDA is not available"):
         parse_strategy("cuda fp16")
+
+
+def test_int8_weights_are_accepted():
+    s = parse_strategy("cpu fp32i8")
+    assert (s.device, s.dtype, s.quant) == ("cpu", "fp32", "i8")
+    assert parse_strategy("cpu bf16").quant is None

@@ -4,9 +4,10 @@ Grammar (official): one or more stages joined by `->`; a stage is `DEVICE DTYPE[
 DEVICE = cpu | cuda | cuda:K | mps | dml, DTYPE = fp32 | fp16 | bf16, QUANT = i8 | i4 | i3, `*N` the number of
 layers placed on that stage and a trailing `+` streaming the remaining layers' weights from CPU memory.
 
-rwkvkit runs a model on one device in one dtype, so a strategy is accepted only when it means exactly that.
-Everything else is refused with a ConfigError naming the part we do not support; nothing is silently ignored
-(the official package, for one, quietly treats `i4`/`i3` as plain fp16).
+rwkvkit runs a model on one device in one dtype, so a strategy is accepted only when it means exactly that,
+optionally with `i8` (weight-only int8 matrices, `rwkvkit.runtime.quant`). Everything else is refused with a
+ConfigError naming the part we do not support; nothing is silently ignored (the official package, for one, quietly
+treats `i4`/`i3` as plain fp16).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ class Stage:
 
 @dataclass(frozen=True)
 class Strategy:
-    """What a supported strategy resolves to: one torch device and one dtype for the whole model."""
+    """What a supported strategy resolves to: one torch device and one dtype for the whole model, and whether its
+    matrices are int8 ("i8") or not (None)."""
 
     device: str
     dtype: str  # fp32 | fp16 | bf16
     text: str
+    quant: str | None = None
 
     @property
     def torch_dtype(self):
@@ -67,24 +70,25 @@ def parse_strategy(text: str) -> Strategy:
     """Resolve a strategy string to one device + one dtype, refusing what rwkvkit does not support."""
     stages = parse_stages(text)
     for s in stages:
-        if s.quant:
+        if s.quant and s.quant != "i8":
             raise ConfigError(
-                f"strategy {text!r}: {s.dtype}{s.quant} weight quantization is not supported; use plain {s.dtype}"
+                f"strategy {text!r}: {s.dtype}{s.quant} weight quantization is not supported; use {s.dtype}i8 or "
+                f"plain {s.dtype}"
             )
         if s.stream:
             raise ConfigError(f"strategy {text!r}: streaming layers from CPU ('*{s.layers}+') is not supported")
         if s.device == "dml":
             raise ConfigError(f"strategy {text!r}: the DirectML device 'dml' is not supported")
-    if len({(s.device, s.dtype) for s in stages}) > 1:
+    if len({(s.device, s.dtype, s.quant) for s in stages}) > 1:
         raise ConfigError(
             f"strategy {text!r}: splitting layers over several devices or dtypes is not supported; "
             "use a single stage such as 'cuda fp16'"
         )
-    device, dtype = stages[0].device, stages[0].dtype
+    device, dtype, quant = stages[0].device, stages[0].dtype, stages[0].quant
     if device == "cpu" and dtype == "fp16":
         raise ConfigError(f"strategy {text!r}: fp16 is not supported on CPU; use 'cpu fp32' or 'cpu bf16'")
     _check_device_available(device, text)
-    return Strategy(device=device, dtype=dtype, text=text)
+    return Strategy(device=device, dtype=dtype, text=text, quant=quant)
 
 
 def _check_device_available(device: str, text: str) -> None:

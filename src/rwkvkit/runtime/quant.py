@@ -1,0 +1,54 @@
+"""Weight-only int8 for inference: every matrix of the blocks and the head stored as int8 with one scale per
+output row (symmetric, round to nearest), multiplied in the activations' dtype.
+
+One-token decoding reads every weight once per token, so its speed is the weight bytes over the memory bandwidth:
+int8 halves the bytes of fp16. That pays only where the dequantization is fused into the product, as in the
+`Decoder`'s compiled step on a GPU; eagerly (e.g. on the CPU) each call first widens the whole matrix, which saves
+memory but costs time. The LoRA matrices, mixes and norms stay as they are (a few percent of the bytes).
+
+    model = rwkvkit.load(path, device="cuda", dtype="fp16")
+    quantize_int8(model)                       # in place; strategy "cuda fp16i8" does the same in rwkvkit.compat
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` (no bias) with an int8 weight [out, in] and a per-output-row scale in the original dtype.
+
+    Both are frozen Parameters, not buffers, so `named_parameters()` (which the Decoder hands to its compiled
+    layer step) carries them.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Int8Linear takes bias-free linears (RWKV has no biases)")
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight"
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every `nn.Linear` of the model (blocks and head) by an `Int8Linear`, in place; returns the model.
+
+    For inference only: the quantized model cannot be trained or saved as an official checkpoint.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child))
+    return model
