@@ -105,7 +105,11 @@ def measure_rwkvkit(path: Path, dtype: str, prefill: int, decode: int, repeats: 
     from rwkvkit.compat import RWKV
     from rwkvkit.runtime.generation import DecodeStep, last_logits, use_gemv_friendly_layout
 
-    model = rwkvkit.load(path, dtype=dtype, tokenizer=None)
+    model = rwkvkit.load(path, dtype=dtype.removesuffix("i8"), tokenizer=None)
+    if dtype.endswith("i8"):  # weight-only int8 matrices (rwkvkit.runtime.quant), strategy "cpu bf16i8"
+        from rwkvkit.runtime.quant import quantize_int8
+
+        quantize_int8(model)
     ids = torch.randint(0, model.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(0))
     tokens = ids[0].tolist()
     _, state = model(ids[:, :16])
@@ -208,7 +212,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="alternate ours/official this many times")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32"], help="weight dtypes")
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "bf16i8"], default=["fp32"],
+                        help="weight dtypes (bf16i8: int8 matrices, bf16 elsewhere)")
     parser.add_argument("--no-official", action="store_true", help="skip the official package")
     parser.add_argument("--profile", action="store_true", help="also print per-op profiles of rwkvkit's runs")
     args = parser.parse_args()
@@ -232,7 +237,7 @@ def main() -> None:
                 if dtype in ours:
                     run["results"] = {k: _best(v, ours[dtype]["results"][k]) for k, v in run["results"].items()}
                 ours[dtype] = run
-                if not args.no_official:
+                if not args.no_official and not dtype.endswith("i8"):
                     version = run["version"]
                     run = measure_official(path, dtype, version, args.threads, args.prefill, args.decode, args.repeats)
                     if run is not None:

@@ -88,3 +88,14 @@ def test_compat_strategy_i8_runs_the_quantized_model(models, tmp_path):
     a, _ = plain.forward(ids, None)
     b, _ = quant.forward(ids, None)
     assert rel_rms(b, a) < 2e-2
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_bf16_cpu_products_equal_the_widened_weight_product(rows):
+    """Few rows take PyTorch's fused int8 product, many rows the widened weight: the same numbers either way."""
+    q = Int8Linear(torch.nn.Linear(96, 80, bias=False).to(torch.bfloat16))
+    x = torch.randn(1, rows, 96).to(torch.bfloat16)
+    want = x.float() @ (q.weight.float() * q.scale.float()[:, None]).t()
+    got = q(x)
+    assert got.shape == (1, rows, 80) and got.dtype == torch.bfloat16
+    assert rel_rms(got, want) < 1e-2
