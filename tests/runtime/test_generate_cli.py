@@ -39,3 +39,9 @@ def test_generate_errors_are_one_line(world_model, capsys, tmp_path):
 
 def test_unescape_understands_shell_typed_escapes():
     assert unescape("a\\n\\nb\\tc\\\\n\\x") == "a\n\nb\tc\\n\\x"
+
+
+def test_generate_with_int8_weights(world_model, capsys):
+    out = generate(capsys, "--model", world_model, "--prompt", "Hi", "--max-tokens", "8", "--seed", "1",
+                   "--dtype", "bf16", "--int8", "true")
+    assert len(out) > 1
