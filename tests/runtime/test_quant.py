@@ -99,3 +99,16 @@ def test_bf16_cpu_products_equal_the_widened_weight_product(rows):
     got = q(x)
     assert got.shape == (1, rows, 80) and got.dtype == torch.bfloat16
     assert rel_rms(got, want) < 1e-2
+
+
+def test_fp16_outputs_do_not_overflow():
+    """Large activations with small weights (as in RWKV's FFN): products in int8 units, scaled afterwards, would
+    pass fp16's 65504 (here 40 x 256 x 127); scaled first they stay what they are."""
+    linear = torch.nn.Linear(256, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.uniform_(-0.05, 0.05)
+    q = Int8Linear(linear.half())
+    x = torch.full((1, 256), 40.0)
+    got = q(x.half()).float()
+    assert torch.isfinite(got).all()
+    assert rel_rms(got, x @ linear.weight.float().t()) < 2e-2

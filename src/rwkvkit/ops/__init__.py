@@ -13,6 +13,7 @@ then give the function).
 from __future__ import annotations
 
 import importlib
+import warnings
 
 
 _FOUND: dict[tuple, object] = {}
@@ -34,7 +35,11 @@ def triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None
 def _import_kernel(op: str, module: str, name: str | None):
     try:
         found = importlib.import_module(f"rwkvkit.ops.{op}.{module}")
-    except ImportError:
+    except ImportError:  # no triton here: the PyTorch paths serve
+        return None
+    except Exception as e:  # triton or torch too old or too new for the module: say so once, then fall back
+        warnings.warn(f"rwkvkit.ops.{op}.{module} could not be loaded ({type(e).__name__}: {e}); "
+                      "using the PyTorch implementation", RuntimeWarning, stacklevel=3)
         return None
     return getattr(found, name or f"{op}_triton")
 

@@ -233,7 +233,7 @@ def generate_tokens(
     for start in range(0, len(prompt_ids), step):
         idx = torch.tensor([prompt_ids[start : start + step]], dtype=torch.long, device=device)
         logits, state = last_logits(model, idx, state)
-    decode = _decode_step(model, state, max_tokens)
+    decode, current_state = _decode_step(model, state, max_tokens)
     logits = logits[0]
 
     sampler = Sampler(sampling, logits.shape[-1], seed=seed, device=logits.device)
@@ -242,7 +242,7 @@ def generate_tokens(
     for produced in range(max_tokens):
         token = sampler(logits)
         if token in stop_tokens:
-            yield Chunk([], _flush(text_stream, stop_filter), "stop_token", state)
+            yield Chunk([], _flush(text_stream, stop_filter), "stop_token", current_state(state))
             return
         piece = text_stream.push(token) if text_stream else ""
         sampler.accept(token, tokenizer.decode([token]) if tokenizer is not None and sampler.penalties.active else None)
@@ -250,32 +250,39 @@ def generate_tokens(
         logits = logits[0]
         text, stopped = stop_filter.push(piece)
         if stopped:
-            yield Chunk([token], text, "stop_string", state)
+            yield Chunk([token], text, "stop_string", current_state(state))
             return
         if produced == max_tokens - 1:
-            yield Chunk([token], text + _flush(text_stream, stop_filter), "length", state)
+            yield Chunk([token], text + _flush(text_stream, stop_filter), "length", current_state(state))
             return
         yield Chunk([token], text)
-    yield Chunk([], "", "length", state)
+    yield Chunk([], "", "length", current_state(state))
+
+
+# capturing the graph costs about four eager steps; below this many tokens the eager loop is as quick
+_GRAPH_MIN_TOKENS = 8
 
 
 def _decode_step(model, state, max_tokens: int):
-    """The one-token step for the sampling loop. On CUDA: a `Decoder` replaying a CUDA graph of the model's step
-    (the same kernels as eager, so the same logits; torch.compile is left off: its start-up takes longer than most
-    generations). Elsewhere `DecodeStep`, tracing only where it pays off (over many tokens)."""
+    """(step, current_state): the one-token step for the sampling loop, and how to read the state after it.
+
+    On CUDA (from a few tokens on): a `Decoder` replaying a CUDA graph of the model's step (the same kernels as
+    eager, so the same logits; torch.compile is left off: its start-up takes longer than most generations). Its
+    state lives in the decoder's buffers and is copied out only when a final chunk needs it. Elsewhere
+    `DecodeStep`, tracing only where it pays off (over many tokens)."""
     from rwkvkit.models import RWKVModel
 
-    if isinstance(model, RWKVModel) and model.emb.weight.device.type == "cuda":
+    if isinstance(model, RWKVModel) and model.emb.weight.device.type == "cuda" and max_tokens >= _GRAPH_MIN_TOKENS:
         from rwkvkit.runtime.decode import Decoder
 
         decoder = Decoder(model, batch_size=1, cuda_graph=True, compile=False)
         decoder.load_state(state)
 
         def step(idx, _state):
-            return decoder.step(idx.view(1)), decoder.state
+            return decoder.step(idx.view(1)), None
 
-        return step
-    return DecodeStep(model, trace=max_tokens >= 100)
+        return step, lambda _state: decoder.state
+    return DecodeStep(model, trace=max_tokens >= 100), lambda s: s
 
 
 def _flush(text_stream: TextStream | None, stop_filter: StopFilter) -> str:

@@ -4,7 +4,8 @@ output row (symmetric, round to nearest), multiplied in the activations' dtype.
 One-token decoding reads every weight once per token, so its speed is the weight bytes over the memory bandwidth:
 int8 halves the bytes of fp16. That pays only where the dequantization is fused into the product: in the
 `Decoder`'s compiled step on a GPU, and on the CPU with bf16 activations (PyTorch's `_weight_int8pack_mm`, for up
-to 16 rows at a time). Elsewhere each call first widens the whole matrix: less memory, not more speed. The LoRA matrices, mixes and norms stay as they are (a few percent of the bytes).
+to 16 rows at a time). Elsewhere each call first widens the whole matrix: less memory, not more speed; in
+particular the compat layer's `"cuda fp16i8"` (eager steps) decodes slower than plain `"cuda fp16"`. The LoRA matrices, mixes and norms stay as they are (a few percent of the bytes).
 
     model = rwkvkit.load(path, device="cuda", dtype="fp16")
     quantize_int8(model)                       # in place; strategy "cuda fp16i8" does the same in rwkvkit.compat
@@ -33,11 +34,12 @@ class Int8Linear(nn.Module):
         if linear.bias is not None:
             raise ValueError("Int8Linear takes bias-free linears (RWKV has no biases)")
         w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        # the scale as it will be stored (in the model's dtype), so the rounding uses exactly that value
+        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(linear.weight.dtype)
+        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(q, requires_grad=False)
-        self.scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -46,7 +48,8 @@ class Int8Linear(nn.Module):
             # bf16 GEMV at [768, 3072], 8.7x fp32 for the head); for many rows widening first is faster
             y = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.weight, self.scale.to(x.dtype))
             return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        # scaled before the product: int8 units times activations would overflow fp16 (outputs ~127/max|row| too big)
+        return F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight"

@@ -62,23 +62,31 @@ class LMObjective(nn.Module):
 
 
 class _StopOnInterrupt:
-    """While training: the first Ctrl-C (SIGINT) asks the trainer to finish the current step, save a checkpoint
-    and stop; a second one interrupts at once. Only where Python delivers signals (the main thread)."""
+    """While training: Ctrl-C (SIGINT) asks the trainer to finish the current step, save a checkpoint and stop; a
+    second one at least a second later interrupts at once. (torchrun forwards the terminal's SIGINT to workers that
+    already got it, so a repeat within the second is the same keypress.) Only where Python delivers signals (the
+    main thread). The handler only sets flags: the training loop does the logging."""
 
-    def __init__(self, log):
-        self.requested = False
-        self.log = log
+    REPEAT_AFTER_S = 1.0
+
+    def __init__(self):
+        self.requested_at: float | None = None
+        self.announced = False
         self.previous = None
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._on_signal)
 
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
     def _on_signal(self, signum, frame):
-        if self.requested:
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+        elif now - self.requested_at >= self.REPEAT_AFTER_S:
             self.restore()
             raise KeyboardInterrupt
-        self.requested = True
-        if self.log:
-            self.log.message("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)")
 
     def restore(self):
         if self.previous is not None:
@@ -295,7 +303,7 @@ class Trainer:
                 log.message(f"resumed from step {self.step} ({self.step * self.tokens_per_step} tokens)")
         last_good = ckpt.list_checkpoints(self.out_dir)
         o = cfg.optim
-        stop = _StopOnInterrupt(log)
+        stop = _StopOnInterrupt()
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -304,6 +312,9 @@ class Trainer:
                 set_lr(self.optimizer, lr)
                 loss = sum(self._micro_batch(self.step * acc + a, a == acc - 1) for a in range(acc)) / acc
                 grad_norm = self._clip()
+                if stop.requested and not stop.announced and log:
+                    log.message("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop now)")
+                    stop.announced = True
                 # one all-reduce carries the stop request too, so that every rank stops after the same step
                 flag = torch.tensor(float(stop.requested), device=loss.device)
                 stats = parallel.all_mean(torch.stack([loss, grad_norm.float().to(loss.device), flag]), info)
@@ -331,10 +342,12 @@ class Trainer:
                 epoch_done = self.step * samples_per_step // cfg.run.epoch_samples
                 if epoch_done > (self.step - 1) * samples_per_step // cfg.run.epoch_samples:
                     self._end_mini_epoch(epoch_done - 1, lr, log)
-                if self.step < self.total_steps and cfg.run.save_every and self.step % cfg.run.save_every == 0:
+                regular = self.step < self.total_steps and cfg.run.save_every and self.step % cfg.run.save_every == 0
+                if regular:
                     last_good = [self.save()]
                 if stop_v > 0 and self.step < self.total_steps:
-                    path = self.save()
+                    # every rank decides alike (the flag was all-reduced), so the collective save stays matched
+                    path = last_good[-1] if regular else self.save()
                     if log:
                         log.message(f"interrupted after step {self.step}: checkpoint {path}; continue with "
                                     f"--run.resume auto")

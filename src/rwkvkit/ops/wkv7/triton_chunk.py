@@ -489,10 +489,12 @@ class _WKV7(torch.autograd.Function):
 
 # The same forward/backward as registered torch ops: torch.compile keeps them as single opaque calls inside its
 # graphs (an autograd.Function that launches Triton kernels would split the graph around it instead).
-@torch.library.custom_op("rwkvkit::wkv7_fwd", mutates_args=())
-def _wkv7_fwd_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
-                 b: torch.Tensor, s0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor]:
+# Explicit schemas: torch 2.4-2.6 cannot read this module's string annotations (`from __future__ import annotations`).
+@torch.library.custom_op(
+    "rwkvkit::wkv7_fwd", mutates_args=(),
+    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _wkv7_fwd_op(r, w, k, v, a, b, s0):
     return _forward(r, w, k, v, a, b, s0, DEFAULT_CONFIG)
 
 
@@ -506,10 +508,12 @@ def _(r, w, k, v, a, b, s0):
             r.new_empty(B, H, n, V, K, **f32), r.new_empty(B, H, n * DEFAULT_CONFIG.chunk, V, **f32))
 
 
-@torch.library.custom_op("rwkvkit::wkv7_bwd", mutates_args=())
-def _wkv7_bwd_op(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
-                 b: torch.Tensor, states: torch.Tensor, u: torch.Tensor, dy: torch.Tensor,
-                 ds_final: torch.Tensor | None, want_ds0: bool) -> list[torch.Tensor]:
+@torch.library.custom_op(
+    "rwkvkit::wkv7_bwd", mutates_args=(),
+    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor u, Tensor dy, "
+           "Tensor? ds_final, bool want_ds0) -> Tensor[]",
+)
+def _wkv7_bwd_op(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0):
     grads, ds0 = _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0, DEFAULT_CONFIG)
     return grads + ([ds0] if want_ds0 else [])
 
@@ -526,6 +530,8 @@ def _op_setup(ctx, inputs, output):
     _, _, states, u = output
     ctx.save_for_backward(r, w, k, v, a, b, states, u)
     ctx.s0_dtype = None if s0 is None else s0.dtype
+    # unused outputs (the final state, the saved per-chunk tensors) then get None, not zero tensors of their size
+    ctx.set_materialize_grads(False)
 
 
 def _op_backward(ctx, dy, ds_final, _d_states, _d_u):
