@@ -91,7 +91,8 @@ def test_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
     assert losses(out) == losses(tmp_path / "whole")
 
 
-def test_ctrl_c_saves_a_checkpoint_after_the_step_and_resumes_exactly(corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_saves_a_checkpoint_after_the_step_and_resumes_exactly(corpus, tmp_path, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
     steps = 24  # enough that the signal lands well before the last step, even on a fast machine
 
@@ -111,7 +112,7 @@ def test_ctrl_c_saves_a_checkpoint_after_the_step_and_resumes_exactly(corpus, tm
             while time.time() < deadline and proc.poll() is None and len(read_metrics(out_dir)) < 3:
                 time.sleep(0.01)
             assert proc.poll() is None, "the run ended before Ctrl-C"
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             proc.wait(timeout=60)
         finally:
             if proc.poll() is None:

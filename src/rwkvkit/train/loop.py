@@ -62,19 +62,21 @@ class LMObjective(nn.Module):
 
 
 class _StopOnInterrupt:
-    """While training: Ctrl-C (SIGINT) asks the trainer to finish the current step, save a checkpoint and stop; a
-    second one at least a second later interrupts at once. (torchrun forwards the terminal's SIGINT to workers that
-    already got it, so a repeat within the second is the same keypress.) Only where Python delivers signals (the
-    main thread). The handler only sets flags: the training loop does the logging."""
+    """While training: Ctrl-C (SIGINT) or SIGTERM (what schedulers send before they preempt a job) asks the trainer
+    to finish the current step, save a checkpoint and stop; a second signal at least a second later interrupts at
+    once. (torchrun forwards the terminal's SIGINT to workers that already got it, so a repeat within the second is
+    the same keypress.) Only where Python delivers signals (the main thread). The handler only sets flags: the
+    training loop does the logging."""
 
     REPEAT_AFTER_S = 1.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested_at: float | None = None
         self.announced = False
-        self.previous = None
+        self.previous: dict = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._on_signal)
+            self.previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
     @property
     def requested(self) -> bool:
@@ -89,9 +91,9 @@ class _StopOnInterrupt:
             raise KeyboardInterrupt
 
     def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def write_recipe(path: Path, cfg: PretrainConfig) -> None:
@@ -313,7 +315,7 @@ class Trainer:
                 loss = sum(self._micro_batch(self.step * acc + a, a == acc - 1) for a in range(acc)) / acc
                 grad_norm = self._clip()
                 if stop.requested and not stop.announced and log:
-                    log.message("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop now)")
+                    log.message("interrupt: saving a checkpoint after this step (Ctrl-C again to stop now)")
                     stop.announced = True
                 # one all-reduce carries the stop request too, so that every rank stops after the same step
                 flag = torch.tensor(float(stop.requested), device=loss.device)
