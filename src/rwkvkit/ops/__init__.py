@@ -52,3 +52,13 @@ def require_triton_kernel(op: str, module: str = "triton_chunk", name: str | Non
 
         raise ConfigError(f"{op} impl 'triton' needs triton and rwkvkit.ops.{op}.{module}; use the PyTorch impl")
     return kernel
+
+
+def check_triton_device(x, kernel: str, fallback: str) -> None:
+    """Triton kernels take GPU tensors; on the CPU only its interpreter (TRITON_INTERPRET=1, for tests) runs them."""
+    import os
+
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        from rwkvkit.errors import ConfigError
+
+        raise ConfigError(f"triton {kernel}: CUDA tensors needed; use impl={fallback!r} on the CPU")

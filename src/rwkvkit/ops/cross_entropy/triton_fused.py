@@ -7,11 +7,11 @@ eight float32 passes over a [4096, 65536] chunk.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from rwkvkit.ops import check_triton_device
 
 
 @triton.jit
@@ -49,10 +49,7 @@ def ce_grad_triton(logits: torch.Tensor, targets: torch.Tensor, token_weight: to
                    block: int = 4096):
     """Same contract as `ce_grad_naive`: `logits [n, V]` (row-contiguous) becomes the gradient; returns the loss."""
     n, V = logits.shape
-    if not logits.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        from rwkvkit.errors import ConfigError
-
-        raise ConfigError("the triton cross-entropy kernel needs CUDA tensors; use impl='naive' on the CPU")
+    check_triton_device(logits, "cross-entropy kernel", "naive")
     if logits.stride(1) != 1:
         raise ValueError("ce_grad_triton needs rows with unit stride")
     losses = torch.empty(n, dtype=torch.float32, device=logits.device)

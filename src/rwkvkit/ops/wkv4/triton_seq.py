@@ -17,11 +17,11 @@ Every exponent there is <= 0 (p_t >= p_{t-1} + w and p_t >= k_t), so the walk is
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from rwkvkit.ops import check_triton_device
 
 from .naive import EMPTY_PP
 
@@ -198,10 +198,7 @@ class _WKV4(torch.autograd.Function):
 @torch.compiler.disable  # one opaque call for torch.compile (it cannot trace the launch wrappers)
 def wkv4_triton(w, u, k, v, initial_state=None):
     """Same contract as `rwkvkit.ops.wkv4.wkv4`: w, u [C], k, v [B, T, C], state [B, 3, C] float32."""
-    if not k.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        from rwkvkit.errors import ConfigError
-
-        raise ConfigError("the triton WKV kernels need CUDA tensors; use impl='chunked' on the CPU")
+    check_triton_device(k, "WKV kernels", "chunked")
     w, u, k, v = (x.contiguous() for x in (w, u, k, v))
     s0 = None if initial_state is None else initial_state.float().contiguous()
     if k.shape[1] == 0:

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _check_device, _dot
+from rwkvkit.ops import check_triton_device
+from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot
 
 DEFAULT_CONFIG = KernelConfig()
 
@@ -284,7 +285,7 @@ def wkv6_triton(
     state [B, H, N_k, N_v] float32. Returns y in r's dtype and the final state in float32; differentiable in all
     inputs and initial_state. Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
     """
-    _check_device(r)
+    check_triton_device(r, "WKV kernels", "chunked")
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv6 import wkv6
 

@@ -30,12 +30,13 @@ Padding tokens past T load as zeros (w = 0: decay 1, no update), so a partial la
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from rwkvkit.ops import check_triton_device
 
 
 class KernelConfig(NamedTuple):
@@ -545,14 +546,6 @@ def _op_backward(ctx, dy, ds_final, _d_states, _d_u):
 _wkv7_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-def _check_device(x: torch.Tensor) -> None:
-    """Triton kernels take GPU tensors; on the CPU only its interpreter (TRITON_INTERPRET=1, for tests) runs them."""
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        from rwkvkit.errors import ConfigError
-
-        raise ConfigError("the triton WKV kernels need CUDA tensors; use impl='chunked' on the CPU")
-
-
 def _supported(r: torch.Tensor, v: torch.Tensor, cfg: KernelConfig) -> bool:
     def pow2_at_least_16(n: int) -> bool:
         return n >= 16 and n & (n - 1) == 0
@@ -577,7 +570,7 @@ def wkv7_triton(
     Returns y in r's dtype and the final state in float32; differentiable in all inputs and initial_state.
     Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
     """
-    _check_device(r)
+    check_triton_device(r, "WKV kernels", "chunked")
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv7 import wkv7
 
