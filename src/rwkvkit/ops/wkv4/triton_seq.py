@@ -37,6 +37,18 @@ def _load_state(ptr, cols, C, mask):
     return aa, bb, pp
 
 
+@triton.jit
+def _initial_state(s0_ptr, cols, C, live, HAS_S0: tl.constexpr):
+    """The given state, or (masked off entirely) the empty one: aa = bb = 0, pp = EMPTY."""
+    return _load_state(s0_ptr, cols, C, live & HAS_S0)
+
+
+@triton.jit
+def _store_state(ptr, cols, C, mask, aa, bb, pp):
+    tl.store(ptr + cols, aa, mask=mask)
+    tl.store(ptr + C + cols, bb, mask=mask)
+    tl.store(ptr + 2 * C + cols, pp, mask=mask)
+
 
 @triton.jit
 def _fwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, y_ptr, states_ptr, s_final_ptr, T, C,
@@ -46,12 +58,7 @@ def _fwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, y_ptr, states_ptr, s_final_ptr, T, 
     live = cols < C
     w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    if HAS_S0:
-        aa, bb, pp = _load_state(s0_ptr + b * 3 * C, cols, C, live)
-    else:
-        aa = tl.zeros([BLOCK], dtype=tl.float32)
-        bb = tl.zeros([BLOCK], dtype=tl.float32)
-        pp = tl.full([BLOCK], EMPTY, dtype=tl.float32)
+    aa, bb, pp = _initial_state(s0_ptr + b * 3 * C, cols, C, live, HAS_S0)
     for t in range(T):
         at = (b * T + t) * C + cols
         kt = tl.load(k_ptr + at, mask=live, other=0.0).to(tl.float32)
@@ -67,14 +74,8 @@ def _fwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, y_ptr, states_ptr, s_final_ptr, T, 
         bb = e1 * bb + e2
         pp = q
         if SAVE:
-            s = states_ptr + (b * T + t) * 3 * C
-            tl.store(s + cols, aa, mask=live)
-            tl.store(s + C + cols, bb, mask=live)
-            tl.store(s + 2 * C + cols, pp, mask=live)
-    out = s_final_ptr + b * 3 * C
-    tl.store(out + cols, aa, mask=live)
-    tl.store(out + C + cols, bb, mask=live)
-    tl.store(out + 2 * C + cols, pp, mask=live)
+            _store_state(states_ptr + (b * T + t) * 3 * C, cols, C, live, aa, bb, pp)
+    _store_state(s_final_ptr + b * 3 * C, cols, C, live, aa, bb, pp)
 
 
 @triton.jit
@@ -85,12 +86,7 @@ def _bwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, states_ptr, dy_ptr, ds_final_ptr, d
     live = cols < C
     w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    if HAS_S0:
-        aa0, bb0, pp0 = _load_state(s0_ptr + b * 3 * C, cols, C, live)
-    else:
-        aa0 = tl.zeros([BLOCK], dtype=tl.float32)
-        bb0 = tl.zeros([BLOCK], dtype=tl.float32)
-        pp0 = tl.full([BLOCK], EMPTY, dtype=tl.float32)
+    aa0, bb0, pp0 = _initial_state(s0_ptr + b * 3 * C, cols, C, live, HAS_S0)
     if HAS_DS_FINAL:
         gaa, gbb, gpp = _load_state(ds_final_ptr + b * 3 * C, cols, C, live)
         gpp = tl.where(live, gpp, 0.0)
@@ -148,10 +144,7 @@ def _bwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, states_ptr, dy_ptr, ds_final_ptr, d
     tl.store(dw_ptr + b * C + cols, dw, mask=live)
     tl.store(du_ptr + b * C + cols, du, mask=live)
     if HAS_S0:  # a_0 = aa_0 e^{pp_0}
-        out = ds0_ptr + b * 3 * C
-        tl.store(out + cols, ga, mask=live)
-        tl.store(out + C + cols, gb, mask=live)
-        tl.store(out + 2 * C + cols, gp + ga * aa0 + gb * bb0, mask=live)
+        _store_state(ds0_ptr + b * 3 * C, cols, C, live, ga, gb, gp + ga * aa0 + gb * bb0)
 
 
 def _grid(B, C):
