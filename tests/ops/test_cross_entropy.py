@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from triton_interpreter import device_for_kernel_tests
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported (see test_wkv7_triton.py)
-
-pytest.importorskip("triton")
-
-if not ON_GPU:
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(standard.cdiv, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file alone",
-                    allow_module_level=True)
-    MODULE = "rwkvkit.ops.cross_entropy.triton_fused"
-    if MODULE in sys.modules:
-        importlib.reload(sys.modules[MODULE])
+DEVICE = device_for_kernel_tests("rwkvkit.ops.cross_entropy.triton_fused")
 
 from rwkvkit.ops.cross_entropy import ce_grad_, ce_grad_naive  # noqa: E402
 from rwkvkit.ops.cross_entropy.triton_fused import ce_grad_triton  # noqa: E402
 from rwkvkit.ops.testing import rel_rms  # noqa: E402
 from rwkvkit.train.loss import L2WRAP_FACTOR  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def chunk(n, V, dtype, seed):

@@ -5,35 +5,17 @@ Without a GPU the same kernels run under Triton's CPU interpreter (TRITON_INTERP
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from triton_interpreter import device_for_kernel_tests
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported (see test_wkv7_triton.py)
-
-pytest.importorskip("triton")
-
-if not ON_GPU:
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(standard.cdiv, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file alone",
-                    allow_module_level=True)
-    MODULE = "rwkvkit.ops.wkv4.triton_seq"
-    if MODULE in sys.modules:
-        importlib.reload(sys.modules[MODULE])
+DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv4.triton_seq")
 
 from rwkvkit.ops.testing import rel_rms, run_with_grads, wkv4_inputs  # noqa: E402
 from rwkvkit.ops.wkv4 import triton_seq, wkv4  # noqa: E402
 from rwkvkit.ops.wkv4.naive import wkv4_naive  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 NAMES = ["y", "final_state", "dw", "du", "dk", "dv", "d_initial_state"]
 
 

@@ -5,36 +5,18 @@ Without a GPU the same kernels run under Triton's CPU interpreter (TRITON_INTERP
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
+from triton_interpreter import device_for_kernel_tests
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    # The interpreter is chosen when each @triton.jit runs, triton's own library included: ask before importing.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-pytest.importorskip("triton")
-
-if not ON_GPU:
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(standard.cdiv, InterpretedFunction):
-        reason = "triton was imported before TRITON_INTERPRET=1 was set; run this file alone"
-        pytest.skip(reason, allow_module_level=True)
-    for module in ("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk"):
-        if module in sys.modules:
-            importlib.reload(sys.modules[module])
+DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk")
+ON_GPU = DEVICE == "cuda"
 
 from rwkvkit.ops.wkv6 import triton_chunk  # noqa: E402
 from rwkvkit.ops.wkv6.naive import wkv6_naive  # noqa: E402
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 HEAD = 64 if ON_GPU else 16
 # float32 products everywhere, so the kernels must match the naive loop to float32 rounding
 EXACT = KernelConfig(precision_state="ieee", precision_chunk="ieee", precision_solve="ieee", block_v=16)

@@ -5,36 +5,18 @@ Without a GPU the same kernels run under Triton's CPU interpreter (TRITON_INTERP
 
 from __future__ import annotations
 
-import importlib
-import os
 import shutil
-import sys
 
 import pytest
 import torch
+from triton_interpreter import device_for_kernel_tests
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    # The interpreter is chosen when each @triton.jit runs, triton's own library included: ask before importing.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-pytest.importorskip("triton")
-
-if not ON_GPU:
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.language import standard
-
-    if not isinstance(standard.cdiv, InterpretedFunction):
-        reason = "triton was imported before TRITON_INTERPRET=1 was set; run this file alone"
-        pytest.skip(reason, allow_module_level=True)
-    MODULE = "rwkvkit.ops.wkv7.triton_chunk"
-    if MODULE in sys.modules:
-        importlib.reload(sys.modules[MODULE])
+DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk")
+ON_GPU = DEVICE == "cuda"
 
 from rwkvkit.ops.wkv7 import triton_chunk  # noqa: E402
 from rwkvkit.ops.wkv7.naive import wkv7_naive  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 HEAD = 64 if ON_GPU else 16
 
 

@@ -1,0 +1,39 @@
+"""Kernel tests run the real Triton kernels on a GPU, and the same kernels in Triton's CPU interpreter without one.
+
+The interpreter is chosen when each @triton.jit function is created, triton's own library included, so
+TRITON_INTERPRET=1 must be set before triton is first imported: call `device_for_kernel_tests` at the top of a test
+module, before importing triton or the kernel modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+
+
+def device_for_kernel_tests(*kernel_modules: str) -> str:
+    """"cuda", or "cpu" with the interpreter switched on; skips the calling module where that is impossible.
+
+    kernel_modules: modules already imported by earlier tests (compiled, not interpreted) are reloaded.
+    """
+    if not ON_GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+    pytest.importorskip("triton")
+    if ON_GPU:
+        return "cuda"
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(standard.cdiv, InterpretedFunction):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this file alone",
+                    allow_module_level=True)
+    for name in kernel_modules:
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+    return "cpu"
