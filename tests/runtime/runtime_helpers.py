@@ -34,3 +34,8 @@ def run_official(workdir: Path, models: dict[str, Path], prompt: list[int], step
         assert proc.returncode == 0, err[-2000:]
         results.update(torch.load(out))
     return results
+
+
+def token_ids(batch: int, length: int, seed: int = 0):
+    """[batch, length] random ids below 97 (inside every test model's vocabulary), reproducible by seed."""
+    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))

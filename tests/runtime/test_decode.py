@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from runtime_helpers import token_ids
 
 from rwkvkit.errors import ConfigError, TokenizerError
-from rwkvkit.models.checkpoint import model_from_state_dict, read_checkpoint
 from rwkvkit.runtime.decode import Decoder
 from rwkvkit.runtime.generation import generate_tokens
 from rwkvkit.runtime.sampling import SamplingParams
@@ -14,21 +14,7 @@ from rwkvkit.runtime.sampling import SamplingParams
 VERSIONS = ["4", "5.2", "6", "7"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from runtime_helpers import official_state_dict
 
-    out = {}
-    for version in VERSIONS:
-        path = tmp_path_factory.mktemp("decode") / f"v{version}.pth"
-        torch.save(official_state_dict(version, seed=3), path)
-        sd, config = read_checkpoint(path)
-        out[version] = model_from_state_dict(sd, config).eval()
-    return out
-
-
-def _ids(batch, length, seed=0):
-    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _close(a, b, tol=1e-4):
@@ -37,9 +23,9 @@ def _close(a, b, tol=1e-4):
 
 @torch.no_grad()
 @pytest.mark.parametrize("version", VERSIONS)
-def test_steps_equal_forward_and_streams_are_independent(models, version):
-    model = models[version]
-    ids = _ids(3, 12, seed=1)
+def test_steps_equal_forward_and_streams_are_independent(official_models, version):
+    model = official_models[version]
+    ids = token_ids(3, 12, seed=1)
     ref, ref_state = model(ids)
     dec = Decoder(model, batch_size=3)
     assert not dec.use_graph and not dec.use_compile  # CPU defaults
@@ -54,9 +40,9 @@ def test_steps_equal_forward_and_streams_are_independent(models, version):
 
 @torch.no_grad()
 @pytest.mark.parametrize("version", ["6", "7"])
-def test_prefill_then_steps_equal_forward_of_whole_sequence(models, version):
-    model = models[version]
-    ids = _ids(2, 20, seed=2)
+def test_prefill_then_steps_equal_forward_of_whole_sequence(official_models, version):
+    model = official_models[version]
+    ids = token_ids(2, 20, seed=2)
     ref, _ = model(ids)
     dec = Decoder(model, batch_size=2)
     logits = dec.prefill(ids[:, :15])
@@ -66,9 +52,9 @@ def test_prefill_then_steps_equal_forward_of_whole_sequence(models, version):
 
 
 @torch.no_grad()
-def test_rows_swap_in_and_out(models):
-    model = models["7"]
-    a, b = _ids(1, 10, seed=4)[0].tolist(), _ids(1, 10, seed=5)[0].tolist()
+def test_rows_swap_in_and_out(official_models):
+    model = official_models["7"]
+    a, b = token_ids(1, 10, seed=4)[0].tolist(), token_ids(1, 10, seed=5)[0].tolist()
     ref_a, state_a = model(a)
     ref_b, _ = model(b)
     dec = Decoder(model, batch_size=2)
@@ -86,8 +72,8 @@ def test_rows_swap_in_and_out(models):
     _close(dec.step([a[0], b[0]])[0], ref_a[0])
 
 
-def test_bad_input_is_a_clear_error(models):
-    dec = Decoder(models["7"], batch_size=2)
+def test_bad_input_is_a_clear_error(official_models):
+    dec = Decoder(official_models["7"], batch_size=2)
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         dec.step([1, 97])
     with pytest.raises(TokenizerError, match="2 integer token"):
@@ -95,12 +81,12 @@ def test_bad_input_is_a_clear_error(models):
     with pytest.raises(ConfigError, match="rows"):
         dec.reset(rows=[2])
     with pytest.raises(ConfigError, match="cuda_graph"):
-        Decoder(models["7"], cuda_graph=True)
+        Decoder(official_models["7"], cuda_graph=True)
 
 
 @torch.no_grad()
-def test_model_checks_cpu_ids_before_the_transfer(models):
-    model = models["7"]
+def test_model_checks_cpu_ids_before_the_transfer(official_models):
+    model = official_models["7"]
     with pytest.raises(TokenizerError, match="token id 97"):
         model(torch.tensor([[1, 97]]))
     with pytest.raises(TokenizerError, match="token id -1"):
@@ -121,7 +107,7 @@ def test_compiled_layer_step_matches_eager_and_compiles_once():
     model = build_model(RWKVConfig("7", n_layer=4, n_embd=64, vocab_size=97, head_size=16), init=True).eval()
     for p in model.parameters():  # the init zeroes some matrices: make every path count
         p.add_(torch.randn_like(p) * 0.1)
-    ids = _ids(1, 6, seed=6)
+    ids = token_ids(1, 6, seed=6)
     ref, _ = model(ids)
     counters.clear()
     dec = Decoder(model, batch_size=1, compile=True)  # batch 1: with the matrix-vector pass
@@ -131,10 +117,10 @@ def test_compiled_layer_step_matches_eager_and_compiles_once():
 
 
 @torch.no_grad()
-def test_generation_is_unchanged_by_the_decoder_path(models):
+def test_generation_is_unchanged_by_the_decoder_path(official_models):
     """generate_tokens on CPU keeps its traced step; greedy text from a prefill equals stepping by hand."""
-    model = models["7"]
-    prompt = _ids(1, 8, seed=7)[0].tolist()
+    model = official_models["7"]
+    prompt = token_ids(1, 8, seed=7)[0].tolist()
     chunks = list(generate_tokens(model, prompt, max_tokens=5, sampling=SamplingParams(temperature=0)))
     got = [t for c in chunks for t in c.tokens]
     dec = Decoder(model)
@@ -159,9 +145,9 @@ def _copy(model, dtype):
 @torch.no_grad()
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("version", ["6", "7"])
-def test_cuda_graph_matches_eager(models, version, compile):
-    model = _copy(models[version], torch.float32)
-    ids = _ids(4, 10, seed=8).cuda()
+def test_cuda_graph_matches_eager(official_models, version, compile):
+    model = _copy(official_models[version], torch.float32)
+    ids = token_ids(4, 10, seed=8).cuda()
     eager = Decoder(model, batch_size=4, cuda_graph=False, compile=False)
     fast = Decoder(model, batch_size=4, cuda_graph=True, compile=compile)
     for t in range(ids.shape[1]):
@@ -171,10 +157,10 @@ def test_cuda_graph_matches_eager(models, version, compile):
 
 @pytest.mark.gpu
 @torch.no_grad()
-def test_cuda_fp16_graph_decode_tracks_fp32(models):
-    ref_model = _copy(models["7"], torch.float32)
-    model = _copy(models["7"], torch.float16)
-    ids = _ids(1, 30, seed=9).cuda()
+def test_cuda_fp16_graph_decode_tracks_fp32(official_models):
+    ref_model = _copy(official_models["7"], torch.float32)
+    model = _copy(official_models["7"], torch.float16)
+    ids = token_ids(1, 30, seed=9).cuda()
     ref, _ = ref_model(ids)
     dec = Decoder(model)  # defaults on CUDA: graph + compile, at batch 1 with the matrix-vector pass
     assert dec.use_graph and dec.use_compile
@@ -187,9 +173,9 @@ def test_cuda_fp16_graph_decode_tracks_fp32(models):
 
 @pytest.mark.gpu
 @torch.no_grad()
-def test_cuda_generation_uses_the_graph_and_keeps_its_tokens(models):
-    model = _copy(models["7"], torch.float32)
-    prompt = _ids(1, 8, seed=10)[0].tolist()
+def test_cuda_generation_uses_the_graph_and_keeps_its_tokens(official_models):
+    model = _copy(official_models["7"], torch.float32)
+    prompt = token_ids(1, 8, seed=10)[0].tolist()
     chunks = list(generate_tokens(model, prompt, max_tokens=6, sampling=SamplingParams(temperature=0)))
     got = [t for c in chunks for t in c.tokens]
     ids, state, want = torch.tensor([prompt], device="cuda"), None, []

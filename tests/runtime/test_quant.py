@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from runtime_helpers import token_ids
 
 from rwkvkit.models import build_model
-from rwkvkit.models.checkpoint import model_from_state_dict, read_checkpoint
 from rwkvkit.models.common import RWKVConfig
 from rwkvkit.ops.testing import rel_rms
 from rwkvkit.runtime.decode import Decoder
@@ -17,21 +17,7 @@ from rwkvkit.runtime.quant import Int8Linear, quantize_int8
 VERSIONS = ["4", "5.2", "6", "7"]
 
 
-def _ids(batch, length, seed=0):
-    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from runtime_helpers import official_state_dict
-
-    out = {}
-    for version in VERSIONS:
-        path = tmp_path_factory.mktemp("quant") / f"v{version}.pth"
-        torch.save(official_state_dict(version, seed=5), path)
-        sd, config = read_checkpoint(path)
-        out[version] = model_from_state_dict(sd, config).eval()
-    return out
 
 
 def test_int8_linear_rounds_each_row_to_its_own_scale():
@@ -47,12 +33,12 @@ def test_int8_linear_rounds_each_row_to_its_own_scale():
 
 @torch.no_grad()
 @pytest.mark.parametrize("version", VERSIONS)
-def test_quantized_model_stays_close_to_the_float_one(models, version):
-    model = models[version]
+def test_quantized_model_stays_close_to_the_float_one(official_models, version):
+    model = official_models[version]
     quant = quantize_int8(copy.deepcopy(model))
     linears = [m for m in quant.modules() if isinstance(m, torch.nn.Linear)]
     assert not linears and any(isinstance(m, Int8Linear) for m in quant.modules())
-    ids = _ids(2, 12, seed=1)
+    ids = token_ids(2, 12, seed=1)
     ref, _ = model(ids)
     got, _ = quant(ids)
     assert rel_rms(got, ref) < 2e-2
@@ -67,7 +53,7 @@ def test_decoder_steps_of_a_quantized_model_equal_its_forward():
     for p in model.parameters():  # the init zeroes some matrices: make every path count
         p.add_(torch.randn_like(p) * 0.1)
     quantize_int8(model)
-    ids = _ids(1, 5, seed=2)
+    ids = token_ids(1, 5, seed=2)
     ref, _ = model(ids)
     for compile in (False, True):
         dec = Decoder(model, batch_size=1, compile=compile)
@@ -75,7 +61,7 @@ def test_decoder_steps_of_a_quantized_model_equal_its_forward():
         assert (steps - ref).abs().max() < 1e-3 * max(1.0, ref.abs().max().item()), compile
 
 
-def test_compat_strategy_i8_runs_the_quantized_model(models, tmp_path):
+def test_compat_strategy_i8_runs_the_quantized_model(tmp_path):
     from runtime_helpers import official_state_dict
 
     from rwkvkit.compat import RWKV
@@ -84,7 +70,7 @@ def test_compat_strategy_i8_runs_the_quantized_model(models, tmp_path):
     torch.save(official_state_dict("7", seed=5), path)
     plain, quant = RWKV(model=str(path), strategy="cpu fp32"), RWKV(model=str(path), strategy="cpu fp32i8")
     assert any(isinstance(m, Int8Linear) for m in quant.model.modules())
-    ids = _ids(1, 9, seed=3)[0].tolist()
+    ids = token_ids(1, 9, seed=3)[0].tolist()
     a, _ = plain.forward(ids, None)
     b, _ = quant.forward(ids, None)
     assert rel_rms(b, a) < 2e-2
