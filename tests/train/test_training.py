@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import PYTHON, config_args, tiny_config
+from train_helpers import PYTHON, config_args, deterministic_env, tiny_config
 from rwkvkit.train import checkpoint as ckpt
 from rwkvkit.train.metrics import read_metrics
 from rwkvkit.train.pretrain import run
@@ -58,8 +57,7 @@ def test_golden_loss_curve(reference_run):
 
 
 def test_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
-    # one thread and no dynamic MKL threading, so that float sums are ordered the same in every process
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
+    env = deterministic_env()
 
     def command(out):
         cfg = tiny_config(corpus, out)
@@ -93,7 +91,7 @@ def test_kill_and_resume_gives_the_same_losses(corpus, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupt_saves_a_checkpoint_after_the_step_and_resumes_exactly(corpus, tmp_path, sig):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
+    env = deterministic_env()
     steps = 24  # enough that the signal lands well before the last step, even on a fast machine
 
     def command(out):

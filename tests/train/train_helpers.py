@@ -3,6 +3,7 @@ directories share one import namespace)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -52,3 +53,9 @@ def config_args(cfg: PretrainConfig) -> list[str]:
 
 
 PYTHON = sys.executable
+
+
+def deterministic_env() -> dict:
+    """The environment for subprocess runs whose losses are compared bitwise: one thread and no dynamic MKL
+    threading, so that float sums are ordered the same in every process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
