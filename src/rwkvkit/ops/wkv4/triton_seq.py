@@ -25,7 +25,9 @@ from rwkvkit.ops import check_triton_device
 
 from .naive import EMPTY_PP
 
-BLOCK_C = 128
+# Channels per program: each program walks all T tokens, so the GPU is only busy with enough programs; blocks
+# shrink (down to one warp's 32 lanes) until there are at least this many.
+MIN_PROGRAMS = 512
 EMPTY = tl.constexpr(EMPTY_PP)
 
 
@@ -147,8 +149,12 @@ def _bwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, states_ptr, dy_ptr, ds_final_ptr, d
         _store_state(ds0_ptr + b * 3 * C, cols, C, live, ga, gb, gp + ga * aa0 + gb * bb0)
 
 
-def _grid(B, C):
-    return (B, triton.cdiv(C, BLOCK_C))
+def _launch(B, C):
+    """Grid and meta-parameters: the widest block (128 channels) that still gives MIN_PROGRAMS programs."""
+    block = 128
+    while block > 32 and B * triton.cdiv(C, block) < MIN_PROGRAMS:
+        block //= 2
+    return (B, triton.cdiv(C, block)), dict(BLOCK=block, num_warps=block // 32)
 
 
 def _forward(w, u, k, v, s0, save: bool):
@@ -157,8 +163,9 @@ def _forward(w, u, k, v, s0, save: bool):
     y = torch.empty_like(k)
     s_final = torch.empty(B, 3, C, **f32)
     states = torch.empty(B, T, 3, C, **f32) if save else s_final
-    _fwd[_grid(B, C)](w, u, k, v, s0 if s0 is not None else s_final, y, states, s_final, T, C,
-                      HAS_S0=s0 is not None, SAVE=save, BLOCK=BLOCK_C)
+    grid, meta = _launch(B, C)
+    _fwd[grid](w, u, k, v, s0 if s0 is not None else s_final, y, states, s_final, T, C,
+               HAS_S0=s0 is not None, SAVE=save, **meta)
     return y, s_final, states
 
 
@@ -179,11 +186,12 @@ class _WKV4(torch.autograd.Function):
         dw = torch.empty(B, C, device=k.device, dtype=torch.float32)
         du = torch.empty_like(dw)
         ds0 = torch.empty(B, 3, C, device=k.device, dtype=torch.float32) if s0 is not None else None
-        _bwd[_grid(B, C)](
+        grid, meta = _launch(B, C)
+        _bwd[grid](
             w, u, k, v, s0 if s0 is not None else states, states, dy,
             ds_final.contiguous() if ds_final is not None else states, dk, dv, dw, du,
             ds0 if ds0 is not None else states, T, C,
-            HAS_S0=s0 is not None, HAS_DS_FINAL=ds_final is not None, BLOCK=BLOCK_C,
+            HAS_S0=s0 is not None, HAS_DS_FINAL=ds_final is not None, **meta,
         )  # fmt: skip
         return dw.sum(0).to(w.dtype), du.sum(0).to(u.dtype), dk, dv, ds0
 
