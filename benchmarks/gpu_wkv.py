@@ -1,11 +1,13 @@
-"""WKV7 / WKV6 on a GPU: our Triton kernels (several configs) vs fla, timed and checked against float64.
+"""WKV7 / WKV6 / WKV4 on a GPU: our Triton kernels (several configs) vs fla, timed and checked against float64.
 
     python benchmarks/gpu_wkv.py                                  # WKV7, both issue shapes, our default config
     python benchmarks/gpu_wkv.py --variants all --profile --odd-length 1013
     python benchmarks/gpu_wkv.py --op wkv6 --fla                  # fla autotunes for minutes on its first call
+    python benchmarks/gpu_wkv.py --op wkv4                        # Triton walk vs our chunked PyTorch path
 
 WKV7 inputs look like a real RWKV-7 layer's (decay in (e^{-e^{-0.5}}, 1), a = -kk, b = kk * iclr, |kk| = 1),
-WKV6 ones like RWKV-6's (w = -exp(N(-1, 0.5))), bf16 (u float32).
+WKV6 ones like RWKV-6's (w = -exp(N(-1, 0.5))), bf16 (u float32); WKV4 [B, T, C = H*N] bf16 keys and values with
+float32 w = -exp(N(0, 1)) and u per channel, as the v4 model passes them.
 Time: median of triton.testing.do_bench over fwd (y only) and fwd+bwd (dy on y, gradients of all inputs).
 Error: ||out - ref|| / ||ref|| against a float64 recurrence on the same bf16 inputs (batch 0 only, with a random
 initial state and a random gradient on the final state too), listed as a multiple of the bf16 floor
@@ -29,6 +31,7 @@ SHAPES = {"0.1B": (8, 4096, 12, 64), "1.5B": (4, 4096, 32, 64)}
 QUANTITIES = {
     "wkv7": ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "ds0"],
     "wkv6": ["y", "state", "dr", "dw", "dk", "dv", "du", "ds0"],
+    "wkv4": ["y", "dw", "du", "dk", "dv"],  # no state: its (aa, bb, pp) form has no meaningful random gradient
 }
 
 
@@ -72,6 +75,21 @@ def rwkv6_inputs(B, T, H, N, dtype, seed=0):
     return [x.to(dtype) for x in (r, w, k, v)] + [randn(H, N) * 0.5]
 
 
+def rwkv4_inputs(B, T, H, N, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    C = H * N
+    w = -torch.exp(torch.randn(C, generator=g, device="cuda"))
+    u = torch.randn(C, generator=g, device="cuda") * 0.5
+    k, v = (torch.randn(B, T, C, generator=g, device="cuda").to(dtype) for _ in range(2))
+    return [w, u, k, v]
+
+
+def reference4_fp64(w, u, k, v, s0):
+    from rwkvkit.ops.wkv4 import wkv4_naive
+
+    return wkv4_naive(w, u, k, v, s0)
+
+
 def reference6_fp64(r, w, k, v, u, s0):
     r, w, k, v, u = (x.double() for x in (r, w, k, v, u))
     S = s0.double()
@@ -101,6 +119,12 @@ def ours(op, cfg):
     return lambda *args: kernel(*args, config=cfg)
 
 
+def ours4(impl):
+    from rwkvkit.ops.wkv4 import wkv4
+
+    return lambda w, u, k, v, s0: wkv4(w, u, k, v, s0, impl=impl)
+
+
 def fla_rwkv6():
     from fla.ops.rwkv6 import chunk_rwkv6
 
@@ -125,6 +149,10 @@ def fla_rwkv7(**options):
 
 def outputs_and_grads(fn, inputs, s0, dy, ds):
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    if s0 is None:  # outputs and gradients of y alone
+        y, _ = fn(*leaves, None)
+        y.backward(dy)
+        return [y.detach()] + [x.grad for x in leaves]
     s0 = s0.detach().clone().requires_grad_()
     y, s = fn(*leaves, s0)
     torch.autograd.backward((y, s), (dy, ds))
@@ -137,9 +165,15 @@ def rel_err(x, ref):
 
 def reference(op, inputs, seed):
     """float64 outputs and gradients on batch element 0 (random initial state and final-state gradient too)."""
-    one = [x[:1] if x.dim() == 4 else x for x in inputs]
-    B, T, H, N = one[0].shape
+    one = [x[:1] if x.dim() >= 3 else x for x in inputs]
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
+    if op == "wkv4":
+        k = one[2]
+        s0 = ds = None
+        dy = torch.randn(k.shape, generator=g, device="cuda").to(k.dtype)
+        ref = outputs_and_grads(reference4_fp64, [x.double() for x in one], None, dy.double(), None)
+        return (one, s0, dy, ds), ref, [rel_err(x.to(torch.bfloat16), x) for x in ref]
+    B, T, H, N = one[0].shape
     s0 = torch.randn(1, H, N, N, generator=g, device="cuda") * 0.5
     dy = torch.randn(1, T, H, N, generator=g, device="cuda").to(one[0].dtype)
     ds = torch.randn(1, H, N, N, generator=g, device="cuda")
@@ -194,7 +228,7 @@ def kernel_breakdown(fn, inputs):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--op", default="wkv7", choices=["wkv7", "wkv6"])
+    p.add_argument("--op", default="wkv7", choices=["wkv7", "wkv6", "wkv4"])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--variants", nargs="*", default=[DEFAULT_VARIANT], help="names from VARIANTS, or 'all'")
     p.add_argument("--fla", action="store_true", help="add fla's chunk_rwkv7 (its first call autotunes for minutes)")
@@ -207,12 +241,15 @@ def main():
     args = p.parse_args()
     names = list(VARIANTS) if args.variants == ["all"] else args.variants
     quantities = QUANTITIES[args.op]
-    make_inputs = rwkv7_inputs if args.op == "wkv7" else rwkv6_inputs
-    fns = {f"ours {args.op} {n}": ours(args.op, VARIANTS[n]) for n in names}
+    make_inputs = {"wkv7": rwkv7_inputs, "wkv6": rwkv6_inputs, "wkv4": rwkv4_inputs}[args.op]
+    if args.op == "wkv4":  # one Triton kernel (no configs): beside the PyTorch path "auto" took before it
+        fns = {"ours wkv4 triton": ours4("triton"), "ours wkv4 chunked (PyTorch)": ours4("chunked")}
+    else:
+        fns = {f"ours {args.op} {n}": ours(args.op, VARIANTS[n]) for n in names}
     if args.fla and args.op == "wkv7":
         fns["fla chunk_rwkv7"] = fla_rwkv7()
         fns["fla chunk_rwkv7 lower_bound"] = fla_rwkv7(lower_bound=-math.exp(-0.5))
-    elif args.fla:
+    elif args.fla and args.op == "wkv6":
         fns["fla chunk_rwkv6"] = fla_rwkv6()
     if args.peer:
         spec = importlib.util.spec_from_file_location("bench_peer", args.peer)
