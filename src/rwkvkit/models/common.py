@@ -352,6 +352,20 @@ class RWKVModel(nn.Module):
         x, state, single = self._run(idx, state)
         return (x[0] if single else x), state
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block's time-mix and channel-mix (training), the WKV kernel an opaque op inside.
+
+        Not the whole block: on torch 2.11 + CUDA, Inductor's backward of a block (LayerNorm and channel-mix in one
+        graph) returns the channel-mix's [1, 1, C] mix gradient as [C] once B*T reaches ~32k tokens, and autograd
+        rejects it; the two halves compiled apart are correct at every size measured.
+        """
+        from rwkvkit.ops import preload_kernels
+
+        preload_kernels()
+        for block in self.blocks:
+            block.att.compile(**options)
+            block.ffn.compile(**options)
+
     def zero_state(self, batch_size: int = 1) -> State:
         return State.zeros(self.config, batch_size, device=self.emb.weight.device, dtype=self.emb.weight.dtype)
 

@@ -44,6 +44,18 @@ def _import_kernel(op: str, module: str, name: str | None):
     return getattr(found, name or f"{op}_triton")
 
 
+# every kernel the dispatchers look up, as they ask for it (op, module, name): `preload_kernels` resolves them all
+KERNELS = (("wkv4", "triton_seq", None), ("wkv6", "triton_chunk", None), ("wkv7", "triton_chunk", None),
+           ("cross_entropy", "triton_fused", "ce_grad_triton"))
+
+
+def preload_kernels() -> None:
+    """Look every kernel up now. Call before torch.compile traces a model: a first lookup inside traced code
+    imports a module, and dynamo breaks the graph there for good (that frame is cached with the break)."""
+    for key in KERNELS:
+        triton_kernel(*key)
+
+
 def require_triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None):
     """The kernel for an explicit impl="triton", or a clear error naming the fallback."""
     kernel = triton_kernel(op, module, name)

@@ -164,8 +164,7 @@ class Trainer:
         model.train()
         parallel.freeze_unused(model)
         if t.compile:
-            for block in model.blocks:
-                block.compile()
+            model.compile_blocks()
         if t.grad_cp:
             parallel.checkpoint_blocks(model)
         parallel.add_dropout(model, t.dropout)
