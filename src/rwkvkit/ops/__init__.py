@@ -18,6 +18,10 @@ import warnings
 
 _FOUND: dict[tuple, object] = {}
 
+# "auto" sends sequences shorter than this to the PyTorch paths even on CUDA: a short prompt runs there in a few
+# milliseconds, while a fresh machine's first Triton call compiles its kernels for seconds (first-token latency).
+KERNEL_MIN_T = 128
+
 
 def triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None):
     """`rwkvkit.ops.<op>.<module>.<name>` (default `<op>_triton`), or None where it (or triton) is not installed.
@@ -64,6 +68,14 @@ def require_triton_kernel(op: str, module: str = "triton_chunk", name: str | Non
 
         raise ConfigError(f"{op} impl 'triton' needs triton and rwkvkit.ops.{op}.{module}; use the PyTorch impl")
     return kernel
+
+
+def walk_block_v(batch_heads: int, V: int, requested: int | None) -> int:
+    """Value rows per program of a sequential chunk walk (WKV6/WKV7): 32, or 16 when (batch x heads) is too small
+    to fill the GPU with 32-row programs (batch-1 prefill), since each program walks all T tokens alone."""
+    if requested is None:
+        requested = 32 if batch_heads * V // 32 >= 128 else 16
+    return min(requested, V)
 
 
 def check_triton_device(x, kernel: str, fallback: str) -> None:

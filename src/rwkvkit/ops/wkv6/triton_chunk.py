@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import check_triton_device
+from rwkvkit.ops import check_triton_device, walk_block_v
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot
 
 DEFAULT_CONFIG = KernelConfig()
@@ -209,7 +209,7 @@ def _bwd_chunk(
 def _shapes(r, v, cfg):
     B, T, H, K = r.shape
     V = v.shape[-1]
-    return B, T, H, K, V, triton.cdiv(T, cfg.chunk), min(cfg.block_v, V)
+    return B, T, H, K, V, triton.cdiv(T, cfg.chunk), walk_block_v(B * H, V, cfg.block_v)
 
 
 def _forward(r, w, k, v, u, s0, cfg: KernelConfig):

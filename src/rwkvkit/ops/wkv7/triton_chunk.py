@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import check_triton_device
+from rwkvkit.ops import check_triton_device, walk_block_v
 
 
 class KernelConfig(NamedTuple):
@@ -48,11 +48,12 @@ class KernelConfig(NamedTuple):
     precision_state: str = "tf32r"
     precision_chunk: str = "tf32r"
     precision_solve: str = "tf32r"
-    block_v: int = 32  # value rows per program in the sequential walks
+    block_v: int | None = None  # value rows per program in the sequential walks (None: ops.walk_block_v's rule)
     warps_seq: int = 4
     warps_chunk: int = 4
     warps_grad: int = 8  # _bwd_chunk: 8 warps measured 22% faster than 4 on an H100 (fewer spills)
     round_once: bool = True  # tf32r in the gradient kernel: round each operand once, not in every product
+    stages_seq: int | None = None  # software-pipelining stages of the sequential walks' chunk loop (None: Triton's)
 
     def precisions(self) -> tuple[str, str, str]:
         return self.precision_state, self.precision_chunk, self.precision_solve
@@ -416,12 +417,16 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
+def _seq_launch(cfg: KernelConfig) -> dict:
+    return dict(num_warps=cfg.warps_seq) | ({} if cfg.stages_seq is None else dict(num_stages=cfg.stages_seq))
+
+
 def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig):
     B, T, H, K = r.shape
     V = v.shape[-1]
     C = cfg.chunk
     n_chunks = triton.cdiv(T, C)
-    bv = min(cfg.block_v, V)
+    bv = walk_block_v(B * H, V, cfg.block_v)
     ps, pc, pi = cfg.precisions()
     f32 = dict(device=r.device, dtype=torch.float32)
     wa = torch.empty(B, H, n_chunks * C, K, **f32)
@@ -434,7 +439,7 @@ def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig):
     _fwd_prep[chunks](w, k, v, a, b, wa, uv, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
     _fwd_state[(V // bv, B * H)](
         w, k, v, b, wa, uv, u, s0 if s0 is not None else s_final, states, s_final,
-        T, H, K, V, bv, C, ps, HAS_S0=s0 is not None, num_warps=cfg.warps_seq,
+        T, H, K, V, bv, C, ps, HAS_S0=s0 is not None, **_seq_launch(cfg),
     )  # fmt: skip
     _fwd_out[chunks](r, w, k, v, b, u, states, y, T, H, K, V, C, ps, pc, num_warps=cfg.warps_chunk)
     return y, s_final, states, u
@@ -445,7 +450,7 @@ def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: Ke
     V = v.shape[-1]
     C = cfg.chunk
     n_chunks = triton.cdiv(T, C)
-    bv = min(cfg.block_v, V)
+    bv = walk_block_v(B * H, V, cfg.block_v)
     ps, pc, pi = cfg.precisions()
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
     p1 = torch.empty_like(u)
@@ -457,7 +462,7 @@ def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: Ke
     _bwd_prep[chunks](r, w, a, b, dy, p1, wb, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
     _bwd_state[(V // bv, B * H)](
         r, w, a, dy, p1, wb, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
-        T, H, K, V, bv, C, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, num_warps=cfg.warps_seq,
+        T, H, K, V, bv, C, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **_seq_launch(cfg),
     )  # fmt: skip
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     round_once = cfg.round_once and ps == pc == "tf32r"
