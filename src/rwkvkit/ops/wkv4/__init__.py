@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.ops import require_triton_kernel, triton_kernel
+from rwkvkit.ops import KERNEL_MIN_T, require_triton_kernel, triton_kernel
 
 from .chunked import wkv4_chunked, wkv4_step
 from .naive import EMPTY_PP, empty_state, wkv4_naive
@@ -24,13 +24,13 @@ def wkv4(
 
     w = -exp(time_decay) [C], u = time_first [C], k, v [B, T, C]. State [B, 3, C] float32 = (aa, bb, pp), the
     empty state having pp = -1e38. Returns y in k's dtype and the final state. Inputs are never modified.
-    impl: "auto" (a single-step path for T == 1, else the Triton walk of triton_seq.py on CUDA when available,
-    else chunked), "naive", "chunked" or "triton".
+    impl: "auto" (a single-step path for T == 1, the Triton walk of triton_seq.py on CUDA from T = KERNEL_MIN_T
+    (128) on, else chunked), "naive", "chunked" or "triton".
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv4 impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        kernel = triton_kernel("wkv4", "triton_seq") if k.is_cuda and k.shape[1] > 1 else None
+        kernel = triton_kernel("wkv4", "triton_seq") if k.is_cuda and k.shape[1] >= KERNEL_MIN_T else None
         if kernel is not None:
             return kernel(w, u, k, v, initial_state)
     if impl == "naive":

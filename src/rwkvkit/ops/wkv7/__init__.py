@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.ops import require_triton_kernel, triton_kernel
+from rwkvkit.ops import KERNEL_MIN_T, require_triton_kernel, triton_kernel
 
 from .chunked import wkv7_chunked, wkv7_step
 from .naive import wkv7_naive
@@ -26,14 +26,14 @@ def wkv7(
 
     All per-token inputs [B, T, H, N]; w = log of the decay (<= 0). State [B, H, N_v, N_k] float32 (value-major,
     the official v7 layout). Returns y in r's dtype and the final state in float32. Inputs are never modified.
-    impl: "auto" (a single-step path for T == 1, else triton on CUDA when available, else chunked), "naive",
-    "chunked" or "triton".
+    impl: "auto" (a single-step path for T == 1, triton on CUDA from T = KERNEL_MIN_T (128) on, else
+    chunked), "naive", "chunked" or "triton".
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv7 impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
         # one token: the plain step (a few small products that torch.compile fuses) beats launching the kernels
-        kernel = triton_kernel("wkv7") if r.is_cuda and r.shape[1] > 1 else None
+        kernel = triton_kernel("wkv7") if r.is_cuda and r.shape[1] >= KERNEL_MIN_T else None
         if kernel is not None:
             return kernel(r, w, k, v, a, b, initial_state)
         impl = "chunked"  # which itself takes the single-step path when T == 1
