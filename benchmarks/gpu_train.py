@@ -83,6 +83,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", type=int, default=0, help="print our N most expensive kernels")
     p.add_argument("--skip-fla", action="store_true")
+    p.add_argument("--skip-ours", action="store_true", help="fla alone (e.g. to fill its autotune cache)")
     p.add_argument("--ours-extra", default="", help='more `rwkvkit pretrain` flags for our side, one string: '
                    '--ours-extra="--train.compile true"')
     args = p.parse_args()
@@ -100,11 +101,13 @@ def main():
         L, D = SIZES[size]
         T, B = args.ctx_len, args.micro_bsz
         flops = matmul_flops_per_token(build_model(RWKVConfig("7", L, D, 65536), init=False))
-        tps, mem = ours(L, D, B, T, args.steps, args.warmup, args.profile, shlex.split(args.ours_extra))
-        rows.append((size, "rwkvkit", tps, tps * flops / peak, mem))
-        _print_row(rows[-1])
-        gc.collect()
-        torch.cuda.empty_cache()
+        if not args.skip_ours:
+            extra = shlex.split(args.ours_extra)
+            tps, mem = ours(L, D, B, T, args.steps, args.warmup, args.profile, extra)
+            rows.append((size, "rwkvkit" + (f" {args.ours_extra}" if extra else ""), tps, tps * flops / peak, mem))
+            _print_row(rows[-1])
+            gc.collect()
+            torch.cuda.empty_cache()
         if not args.skip_fla:
             try:
                 f_tps, f_mem, f_params = fla_model(L, D, B, T, args.steps, args.warmup)

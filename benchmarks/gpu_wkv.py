@@ -42,6 +42,12 @@ def _config(chunk=16, state="tf32r", chunk_dots="tf32r", solve="tf32r", block_v=
 VARIANTS = {  # H100 history in docs/gpu.md: ieee 6x slower, raw tf32 1.78x the floor, chunk 32 spills
     "c16-tf32r-v32": _config(),
     "c16-tf32r-v64": _config(block_v=64),
+    "c16-tf32r-v16": _config(block_v=16),
+    "c16-tf32r-v16-w2": _config(block_v=16, warps_seq=2),
+    "c16-tf32r-v32-s1": _config(stages_seq=1),
+    "c16-tf32r-v32-s2": _config(stages_seq=2),
+    "c16-tf32r-v32-s4": _config(stages_seq=4),
+    "c16-tf32r-v16-s4": _config(block_v=16, stages_seq=4),
     "c16-tf32r-v32-g4": _config(warps_grad=4),
     "c16-tf32r-v32-perdot": _config(round_once=False),
     "c16-mixed-v32": _config(chunk_dots="ieee"),
