@@ -4,9 +4,10 @@
     python benchmarks/gpu_train.py --sizes 0.1B --micro-bsz 8 --profile 25
 
 Both sides: fp32 master weights, bf16 autocast, AdamW, gradient clipping, the same random tokens, vocab 65536,
-head size 64, no activation checkpointing (both fit on an 80 GB card at these shapes). rwkvkit runs its trainer's
-pieces through benchmarks/train_throughput.py; fla runs `RWKV7ForCausalLM` with its fused cross-entropy + L2Wrap
-(its defaults). MFU counts 6 x (parameters - embedding) FLOPs per token against the card's dense bf16 peak.
+head size 64, no activation checkpointing (so 0.4B needs --micro-bsz 4 on an 80 GB card). rwkvkit runs its
+trainer's pieces through benchmarks/train_throughput.py with the 0.1B recipe's settings (so torch.compile on:
+--ours-extra="--train.compile false" for eager); fla runs `RWKV7ForCausalLM` with its fused cross-entropy +
+L2Wrap (its defaults). MFU counts 6 x (parameters - embedding) FLOPs per token against the card's dense bf16 peak.
 fla autotunes its kernels on the first call (minutes); set TRITON_CACHE_DIR to a kept folder to pay that once.
 """
 
