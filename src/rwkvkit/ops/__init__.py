@@ -23,6 +23,11 @@ _FOUND: dict[tuple, object] = {}
 KERNEL_MIN_T = 128
 
 
+def wants_kernel(x) -> bool:
+    """Whether "auto" dispatch sends a [B, T, ...] input to a GPU kernel: on CUDA, from KERNEL_MIN_T tokens on."""
+    return x.is_cuda and x.shape[1] >= KERNEL_MIN_T
+
+
 def triton_kernel(op: str, module: str = "triton_chunk", name: str | None = None):
     """`rwkvkit.ops.<op>.<module>.<name>` (default `<op>_triton`), or None where it (or triton) is not installed.
 

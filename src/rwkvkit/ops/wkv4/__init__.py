@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.ops import KERNEL_MIN_T, require_triton_kernel, triton_kernel
+from rwkvkit.ops import require_triton_kernel, triton_kernel, wants_kernel
 
 from .chunked import wkv4_chunked, wkv4_step
 from .naive import EMPTY_PP, empty_state, wkv4_naive
@@ -30,7 +30,7 @@ def wkv4(
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv4 impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        kernel = triton_kernel("wkv4", "triton_seq") if k.is_cuda and k.shape[1] >= KERNEL_MIN_T else None
+        kernel = triton_kernel("wkv4", "triton_seq") if wants_kernel(k) else None
         if kernel is not None:
             return kernel(w, u, k, v, initial_state)
     if impl == "naive":

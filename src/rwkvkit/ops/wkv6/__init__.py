@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.ops import KERNEL_MIN_T, require_triton_kernel, triton_kernel
+from rwkvkit.ops import require_triton_kernel, triton_kernel, wants_kernel
 
 from .chunked import wkv6_chunked, wkv6_step
 from .naive import wkv6_naive
@@ -33,7 +33,7 @@ def wkv6(
         raise ValueError(f"unknown wkv6 impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
         # one token: the plain step (a few small products that torch.compile fuses) beats launching the kernels
-        kernel = triton_kernel("wkv6") if r.is_cuda and r.shape[1] >= KERNEL_MIN_T else None
+        kernel = triton_kernel("wkv6") if wants_kernel(r) else None
         if kernel is not None:
             return kernel(r, w, k, v, u, initial_state)
         impl = "chunked"  # which itself takes the single-step path when T == 1
