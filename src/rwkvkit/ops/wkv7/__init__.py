@@ -32,7 +32,8 @@ def wkv7(
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv7 impl {impl!r}; choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        # one token: the plain step (a few small products that torch.compile fuses) beats launching the kernels
+        # short sequences stay on the PyTorch path (`wants_kernel`); one token takes its plain step, which
+        # torch.compile fuses into the decoder's layer step
         kernel = triton_kernel("wkv7") if wants_kernel(r) else None
         if kernel is not None:
             return kernel(r, w, k, v, a, b, initial_state)

@@ -53,7 +53,7 @@ class KernelConfig(NamedTuple):
     warps_chunk: int = 4
     warps_grad: int = 8  # _bwd_chunk: 8 warps measured 22% faster than 4 on an H100 (fewer spills)
     round_once: bool = True  # tf32r in the gradient kernel: round each operand once, not in every product
-    stages_seq: int | None = None  # software-pipelining stages of the sequential walks' chunk loop (None: Triton's)
+    stages_seq: int | None = None  # WKV7 walks' pipelining stages (None: Triton's; 1-4 measured alike, H100)
 
     def precisions(self) -> tuple[str, str, str]:
         return self.precision_state, self.precision_chunk, self.precision_solve
