@@ -237,13 +237,16 @@ class Block(nn.Module):
 
 
 class RWKVModel(nn.Module):
-    """Base of the four versions. Subclasses implement `make_att`, `make_ffn` and `init_weights`.
+    """Base of the four versions. Subclasses name their `TimeMix` and `ChannelMix` classes (each built as
+    `cls(config, layer_id)`) and implement `init_weights`.
 
     `model(idx, state=None) -> (logits, new_state)`: idx is [B, T] (or a list of ids / 1-D tensor, then logits
     are [T, V] and the state has batch 1). `model.hidden(...)` returns the ln_out output instead of logits.
     """
 
     version: str = ""
+    time_mix: type[nn.Module]
+    channel_mix: type[nn.Module]
 
     def __init__(self, config: RWKVConfig):
         super().__init__()
@@ -253,17 +256,11 @@ class RWKVModel(nn.Module):
         C, V = config.n_embd, config.vocab_size
         self.emb = nn.Embedding(V, C)
         self.blocks = nn.ModuleList(
-            Block(config, i, self.make_att(i), self.make_ffn(i)) for i in range(config.n_layer)
+            Block(config, i, self.time_mix(config, i), self.channel_mix(config, i)) for i in range(config.n_layer)
         )
         self.ln_out = nn.LayerNorm(C)
         self.head = nn.Linear(C, V, bias=False)
         self.tokenizer = None
-
-    def make_att(self, layer_id: int) -> nn.Module:
-        raise NotImplementedError
-
-    def make_ffn(self, layer_id: int) -> nn.Module:
-        raise NotImplementedError
 
     def init_weights(self) -> None:
         raise NotImplementedError

@@ -104,12 +104,8 @@ class ChannelMix(nn.Module):
 
 class RWKV7(RWKVModel):
     version = "7"
-
-    def make_att(self, layer_id):
-        return TimeMix(self.config, layer_id)
-
-    def make_ffn(self, layer_id):
-        return ChannelMix(self.config, layer_id)
+    time_mix = TimeMix
+    channel_mix = ChannelMix
 
     @torch.no_grad()
     def init_weights(self) -> None:
