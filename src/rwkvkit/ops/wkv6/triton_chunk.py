@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import check_triton_device, walk_block_v
-from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot
+from rwkvkit.ops import check_triton_device
+from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _shapes
 
 DEFAULT_CONFIG = KernelConfig()
 
@@ -204,12 +204,6 @@ def _bwd_chunk(
     g_end = tl.sum(d_ke * k_e, 0) + tl.sum(dSC * S0, 1) * e_end  # wrt G_C
     d_w = tl.cumsum(g_cur, 0, reverse=True) + tl.cumsum(g_prev, 0, reverse=True) - g_prev + g_end[None, :]
     tl.store(dw + pk, d_w.to(dw.dtype.element_ty), mask=live)
-
-
-def _shapes(r, v, cfg):
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    return B, T, H, K, V, triton.cdiv(T, cfg.chunk), walk_block_v(B * H, V, cfg.block_v)
 
 
 def _forward(r, w, k, v, u, s0, cfg: KernelConfig):

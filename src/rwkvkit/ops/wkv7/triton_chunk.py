@@ -417,16 +417,20 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
+def _shapes(r, v, cfg: KernelConfig):
+    """B, T, H, K, V, the number of chunks and the value rows per program of the walks (WKV7 and WKV6)."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    return B, T, H, K, V, triton.cdiv(T, cfg.chunk), walk_block_v(B * H, V, cfg.block_v)
+
+
 def _seq_launch(cfg: KernelConfig) -> dict:
     return dict(num_warps=cfg.warps_seq) | ({} if cfg.stages_seq is None else dict(num_stages=cfg.stages_seq))
 
 
 def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig):
-    B, T, H, K = r.shape
-    V = v.shape[-1]
+    B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
     C = cfg.chunk
-    n_chunks = triton.cdiv(T, C)
-    bv = walk_block_v(B * H, V, cfg.block_v)
     ps, pc, pi = cfg.precisions()
     f32 = dict(device=r.device, dtype=torch.float32)
     wa = torch.empty(B, H, n_chunks * C, K, **f32)
@@ -446,11 +450,8 @@ def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig):
 
 
 def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: KernelConfig):
-    B, T, H, K = r.shape
-    V = v.shape[-1]
+    B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
     C = cfg.chunk
-    n_chunks = triton.cdiv(T, C)
-    bv = walk_block_v(B * H, V, cfg.block_v)
     ps, pc, pi = cfg.precisions()
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
     p1 = torch.empty_like(u)
