@@ -53,13 +53,20 @@ def _store_state(ptr, cols, C, mask, aa, bb, pp):
 
 
 @triton.jit
-def _fwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, y_ptr, states_ptr, s_final_ptr, T, C,
-         HAS_S0: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr):
+def _this_program(w_ptr, u_ptr, C, BLOCK: tl.constexpr):
+    """This program's batch row and channels (and which are inside C), with their decay and bonus."""
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < C
     w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    return b, cols, live, w, u
+
+
+@triton.jit
+def _fwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, y_ptr, states_ptr, s_final_ptr, T, C,
+         HAS_S0: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr):
+    b, cols, live, w, u = _this_program(w_ptr, u_ptr, C, BLOCK)
     aa, bb, pp = _initial_state(s0_ptr + b * 3 * C, cols, C, live, HAS_S0)
     for t in range(T):
         at = (b * T + t) * C + cols
@@ -83,11 +90,7 @@ def _fwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, y_ptr, states_ptr, s_final_ptr, T, 
 @triton.jit
 def _bwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, states_ptr, dy_ptr, ds_final_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr,
          ds0_ptr, T, C, HAS_S0: tl.constexpr, HAS_DS_FINAL: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    live = cols < C
-    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    b, cols, live, w, u = _this_program(w_ptr, u_ptr, C, BLOCK)
     aa0, bb0, pp0 = _initial_state(s0_ptr + b * 3 * C, cols, C, live, HAS_S0)
     if HAS_DS_FINAL:
         gaa, gbb, gpp = _load_state(ds_final_ptr + b * 3 * C, cols, C, live)
