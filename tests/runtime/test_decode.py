@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_helpers import token_ids
+from runtime_helpers import random_v7, token_ids
 
 from rwkvkit.errors import ConfigError, TokenizerError
 from rwkvkit.runtime.decode import Decoder
@@ -100,13 +100,7 @@ def test_compiled_layer_step_matches_eager_and_compiles_once():
     pytest.importorskip("torch._inductor")
     from torch._dynamo.utils import counters
 
-    from rwkvkit.models import build_model
-    from rwkvkit.models.common import RWKVConfig
-
-    torch.manual_seed(0)
-    model = build_model(RWKVConfig("7", n_layer=4, n_embd=64, vocab_size=97, head_size=16), init=True).eval()
-    for p in model.parameters():  # the init zeroes some matrices: make every path count
-        p.add_(torch.randn_like(p) * 0.1)
+    model = random_v7(n_layer=4)
     ids = token_ids(1, 6, seed=6)
     ref, _ = model(ids)
     counters.clear()

@@ -6,10 +6,8 @@ import copy
 
 import pytest
 import torch
-from runtime_helpers import token_ids
+from runtime_helpers import random_v7, token_ids
 
-from rwkvkit.models import build_model
-from rwkvkit.models.common import RWKVConfig
 from rwkvkit.ops.testing import rel_rms
 from rwkvkit.runtime.decode import Decoder
 from rwkvkit.runtime.quant import Int8Linear, quantize_int8
@@ -48,10 +46,7 @@ def test_quantized_model_stays_close_to_the_float_one(official_models, version):
 def test_decoder_steps_of_a_quantized_model_equal_its_forward():
     """Including the compiled layer step, whose per-layer weights are the Int8Linear parameters."""
     pytest.importorskip("torch._inductor")
-    torch.manual_seed(0)
-    model = build_model(RWKVConfig("7", n_layer=3, n_embd=64, vocab_size=97, head_size=16), init=True).eval()
-    for p in model.parameters():  # the init zeroes some matrices: make every path count
-        p.add_(torch.randn_like(p) * 0.1)
+    model = random_v7(n_layer=3)
     quantize_int8(model)
     ids = token_ids(1, 5, seed=2)
     ref, _ = model(ids)
