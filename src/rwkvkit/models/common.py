@@ -207,6 +207,19 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """TokenizerError for the first id outside [0, vocab_size), for ids on the CPU.
+
+    Checked where the ids are: on the CPU that is free, on an accelerator it would be a host sync per call (per
+    training micro-step, per decoded token). Ids already on an accelerator are not checked: the embedding's own
+    device-side bounds assertion stops a bad id there (a CUDA error at the next sync, not a TokenizerError).
+    """
+    if ids.device.type == "cpu":
+        outside = (ids < 0) | (ids >= vocab_size)
+        if bool(outside.any()):
+            raise TokenizerError(f"token id {ids[outside][0].item()} is outside the vocabulary [0, {vocab_size})")
+
+
 def token_shift(x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
     """x [B, T, C] shifted one step later in time; position 0 gets x_prev [B, C] (the state)."""
     if x.shape[1] == 1:
@@ -289,13 +302,7 @@ class RWKVModel(nn.Module):
             idx = idx.unsqueeze(0)
         if idx.shape[1] == 0:
             raise TokenizerError("empty token sequence")
-        # Checked where the ids are: on the CPU that is free, on an accelerator it would be a host sync per call
-        # (per training micro-step). Ids already on an accelerator are not checked here: the embedding's own
-        # device-side bounds assertion stops a bad id there (a CUDA error at the next sync, not a TokenizerError).
-        if idx.device.type == "cpu":
-            outside = (idx < 0) | (idx >= V)
-            if bool(outside.any()):
-                raise TokenizerError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {V})")
+        check_token_ids(idx, V)
         return idx.to(device=device, dtype=torch.long), single
 
     def _check_state(self, state: State, batch: int) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from rwkvkit.errors import ConfigError, TokenizerError
-from rwkvkit.models.common import RWKVModel, State
+from rwkvkit.models.common import RWKVModel, State, check_token_ids
 
 # Steps run before capture: the first runs compile / load kernels and pick cuBLAS algorithms, none of which may
 # happen while recording.
@@ -137,11 +137,7 @@ class Decoder:
             raise TokenizerError(
                 f"step() takes {self.batch_size} integer token id(s), got {tokens.dtype} {list(tokens.shape)}"
             )
-        if tokens.device.type == "cpu":
-            outside = (tokens < 0) | (tokens >= self.vocab_size)
-            if bool(outside.any()):
-                bad = tokens[outside][0].item()
-                raise TokenizerError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        check_token_ids(tokens, self.vocab_size)
         self._tokens.copy_(tokens.reshape(self.batch_size, 1), non_blocking=True)
 
     def _step_into_state(self) -> torch.Tensor:
@@ -211,7 +207,6 @@ def _allow_recompiles_per_decoder() -> None:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 64))
-
 
 
 class _MatvecAsReduction:
