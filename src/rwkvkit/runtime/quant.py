@@ -2,10 +2,11 @@
 output row (symmetric, round to nearest), multiplied in the activations' dtype.
 
 One-token decoding reads every weight once per token, so its speed is the weight bytes over the memory bandwidth:
-int8 halves the bytes of fp16. That pays only where the dequantization is fused into the product: in the
-`Decoder`'s compiled step on a GPU, and on the CPU with bf16 activations (PyTorch's `_weight_int8pack_mm`, for up
-to 16 rows at a time). Elsewhere each call first widens the whole matrix: less memory, not more speed; in
-particular the compat layer's `"cuda fp16i8"` (eager steps) decodes slower than plain `"cuda fp16"`. The LoRA matrices, mixes and norms stay as they are (a few percent of the bytes).
+int8 halves the bytes of fp16. That pays only where the dequantization is fused into the product: on the CPU with
+bf16 activations (PyTorch's `_weight_int8pack_mm`, for up to 16 rows at a time). Elsewhere it saves memory, not
+time: on an H100 the `Decoder`'s compiled step measured slower with int8 than with fp16 (docs/generate.md), and the
+compat layer's `"cuda fp16i8"` (eager steps) slower still. The LoRA matrices, mixes and norms stay as they are (a
+few percent of the bytes).
 
     model = rwkvkit.load(path, device="cuda", dtype="fp16")
     quantize_int8(model)                       # in place; strategy "cuda fp16i8" does the same in rwkvkit.compat
