@@ -127,8 +127,7 @@ class WorldTokenizer(Tokenizer):
         cuts = [n * k // pieces for k in range(pieces + 1)]
         spans = [(max(cuts[k] - PIECE_OVERLAP, 0), min(cuts[k + 1] + PIECE_OVERLAP, n)) for k in range(pieces)]
         encoded = self._native.encode_batch([text[start:end] for start, end in spans])
-        lengths = self._token_lengths
-        max_len = max(lengths)
+        lengths, max_len = self._token_lengths
         ids = encoded[0]
         for k in range(1, pieces):
             piece_ids = encoded[k]
@@ -154,9 +153,10 @@ class WorldTokenizer(Tokenizer):
         return ids
 
     @cached_property
-    def _token_lengths(self) -> list[int]:
-        """Byte length per id, for stitching pieces (built on first use: most texts are never cut)."""
-        return [len(self._id_to_bytes.get(i, b"")) for i in range(max(self._vocab) + 1)]
+    def _token_lengths(self) -> tuple[list[int], int]:
+        """Byte length per id and the longest, for stitching pieces (built on first use: most texts are never cut)."""
+        lengths = [len(self._id_to_bytes.get(i, b"")) for i in range(max(self._vocab) + 1)]
+        return lengths, max(lengths)
 
     @property
     def _python(self) -> TrieEncoder:
