@@ -1,12 +1,12 @@
 """Fast RNN-mode decoding: a `Decoder` keeps the recurrent state of B streams in fixed buffers and steps them.
 
-    dec = Decoder(model, batch_size=4)            # on CUDA: CUDA graph + torch.compile'd layer step
+    dec = Decoder(model, batch_size=4)            # on CUDA: CUDA graph of fused Triton kernels or compiled layers
     logits = dec.prefill(prompt_ids, rows=[2])    # GPT mode for one stream, loaded into row 2 -> [1, V]
     logits = dec.step([t0, t1, t2, t3])           # one token per stream -> [4, V]
     dec.reset([1]); dec.load_state(saved, rows=[3]); saved = dec.state
 
 A one-token step is hundreds of tiny kernels (a 0.1B RWKV-7 layer alone launches about 80), so on a GPU its speed
-is set by launch overhead, not by the weights it reads. The decoder removes that overhead in two ways:
+is set by launch overhead, not by the weights it reads. The decoder removes that overhead in three ways:
 
 - CUDA graph: the step is recorded once into a `torch.cuda.CUDAGraph` that reads the token ids and state from
   static buffers and writes the new state back into them (`copy_` inside the graph); each token is then one
@@ -15,6 +15,8 @@ is set by launch overhead, not by the weights it reads. The decoder removes that
   every layer with the same code: the layer's weights are arguments (`torch.func.functional_call` on a template
   block), so it is compiled once, not once per layer. RWKV-7's layer 0 runs different code (it defines the value
   residual `v_first`), so it gets a second compiled function.
+- fused step (RWKV-7, batch <= FUSED_MAX_BATCH): five Triton kernels per layer that each stream their weights
+  once (`rwkvkit.ops.v7_step`), in place of the compiled layers; no compile step at start-up.
 
 The step runs the model's own code (`RWKVModel.run_unchecked`), so its results equal `model(ids, state)` token by
 token; only the fusion changes the rounding.
@@ -26,6 +28,10 @@ import torch
 
 from rwkvkit.errors import ConfigError, TokenizerError
 from rwkvkit.models.common import RWKVModel, State, check_token_ids
+
+# Up to this many streams the fused RWKV-7 step is the "auto" choice: it re-reads each weight once per stream
+# (from L2), while the compiled layers' matrix products share one read across the batch.
+FUSED_MAX_BATCH = 4
 
 # Steps run before capture: the first runs compile / load kernels and pick cuBLAS algorithms, none of which may
 # happen while recording.
@@ -43,13 +49,14 @@ def _resolve(option, name: str, on_cuda: bool) -> bool:
 class Decoder:
     """One-token steps for `batch_size` independent streams of a loaded rwkvkit model (any version).
 
-    cuda_graph: "auto" (on CUDA), True or False. compile: "auto" (on CUDA), True or False: torch.compile the
-    per-layer step (seconds of start-up, fewer and fused kernels per token). The model is used as it is (put it
+    cuda_graph: "auto" (on CUDA), True or False. fused: "auto" (RWKV-7 on CUDA, batch_size <= FUSED_MAX_BATCH),
+    True or False: the fused Triton step. compile: "auto" (on CUDA, unless fused), True or False: torch.compile
+    the per-layer step (seconds of start-up, fewer and fused kernels per token). The model is used as it is (put it
     in eval mode and the dtype you want); its weights must not be replaced while a graph holds their addresses
     (changing their values in place is fine). Not thread-safe: one decoder per serving loop.
     """
 
-    def __init__(self, model: RWKVModel, batch_size: int = 1, cuda_graph="auto", compile="auto"):
+    def __init__(self, model: RWKVModel, batch_size: int = 1, cuda_graph="auto", compile="auto", fused="auto"):
         if not isinstance(model, RWKVModel):
             raise ConfigError(f"Decoder needs an rwkvkit model, got {type(model).__name__}")
         if batch_size < 1:
@@ -59,7 +66,9 @@ class Decoder:
         self.device = model.emb.weight.device
         on_cuda = self.device.type == "cuda"
         self.use_graph = _resolve(cuda_graph, "cuda_graph", on_cuda)
-        self.use_compile = _resolve(compile, "compile", on_cuda)
+        self._fused = self._fused_step(fused, on_cuda)
+        self.use_fused = self._fused is not None
+        self.use_compile = _resolve(compile, "compile", on_cuda and not self.use_fused)
         if self.use_graph and not on_cuda:
             raise ConfigError(f"cuda_graph=True needs a model on CUDA, this one is on {self.device}")
         self.vocab_size = model.config.vocab_size
@@ -121,7 +130,8 @@ class Decoder:
         already on the GPU are not (no sync): a bad one trips the embedding's device-side assertion."""
         self._set_tokens(tokens)
         if not self.use_graph:
-            return self._step_into_state()
+            logits = self._step_into_state()
+            return logits.clone() if self.use_fused else logits  # the fused step reuses its logits buffer
         if self._graph is None:
             self._capture()
         self._graph.replay()
@@ -142,6 +152,8 @@ class Decoder:
 
     def _step_into_state(self) -> torch.Tensor:
         """The whole step on the static buffers; this is what the CUDA graph records."""
+        if self._fused is not None:
+            return self._fused.step(self._tokens, self._state)
         hidden, new = self.model.run_unchecked(self._tokens, self._state, self._run_block)
         for name in ("att_x", "wkv", "ffn_x"):
             getattr(self._state, name).copy_(getattr(new, name))
@@ -160,6 +172,24 @@ class Decoder:
             self._graph_logits = self._step_into_state()
         self._graph = graph
         self.load_state(saved)
+
+    def _fused_step(self, option, on_cuda: bool):
+        """The fused RWKV-7 step where chosen (None otherwise); "auto" falls back quietly where it cannot run."""
+        if option == "auto":
+            if not (on_cuda and self.model.config.version == "7" and self.batch_size <= FUSED_MAX_BATCH):
+                return None
+            try:
+                return self._make_fused()
+            except (ImportError, ConfigError):
+                return None
+        if not _resolve(option, "fused", on_cuda):
+            return None
+        return self._make_fused()
+
+    def _make_fused(self):
+        from rwkvkit.ops.v7_step.triton_fused import FusedStepV7
+
+        return FusedStepV7(self.model, self.batch_size)
 
     # ---------------------------------------------------------------- torch.compile of the layer step
 
