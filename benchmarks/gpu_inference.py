@@ -6,8 +6,9 @@
 Both implementations load the same file: a random fp16 state dict in the official layout with realistic scales
 (mixes in [0, 1], matrices ~ 1/sqrt(fan_in)), saved to a temporary .pth. One table:
   - decode tok/s at batch 1: official (`RWKV_V7_ON=1 RWKV_CUDA_ON=1`, strategy "cuda fp16", in a subprocess: the
-    env vars act at import and it JIT-builds its CUDA ops), ours eager, CUDA graph, CUDA graph + torch.compile;
-    batched decode at B = 8, 64 (tokens/s summed over the streams); each as % of the bandwidth bound;
+    env vars act at import and it JIT-builds its CUDA ops), ours eager, CUDA graph, CUDA graph + torch.compile'd
+    layers, CUDA graph + fused Triton step (the default); batched decode at B = 4, 8, 64 with the default choice
+    (tokens/s summed over the streams); each as % of the bandwidth bound;
   - bound = weight bytes read per token (every parameter except the embedding, of which one row) / device copy
     bandwidth (a 1 GiB torch copy, bytes read + written over time);
   - prefill of 4096 tokens in one call (official: forward of the list; ours: `hidden` + head on the last position);
@@ -38,7 +39,7 @@ SIZES = {  # n_layer, n_embd (head size 64, vocab 65536, ffn 4x, the official Lo
 }
 VOCAB = 65536
 PREFILL = 4096
-BATCHES = (8, 64)
+BATCHES = (4, 8, 64)
 CHECK_PROMPT, CHECK_STEPS = 32, 16  # tokens compared for correctness
 
 
@@ -160,11 +161,14 @@ def measure_ours(path: Path, tokens: int) -> dict:
 
         return batch / _seconds_per_call(one, tokens, warmup=5)
 
-    out["decode"] = {"graph+compile": decode_rate(dec, 1)}
-    for name, graph in (("eager", False), ("graph", True)):
-        out["decode"][name] = decode_rate(Decoder(model, cuda_graph=graph, compile=False), 1)
+    assert dec.use_fused, "the default bsz1 decoder on CUDA should be the fused step"
+    out["decode"] = {"graph+fused (default)": decode_rate(dec, 1)}
+    for name, graph, compiled in (("eager", False, False), ("graph", True, False), ("graph+compile", True, True)):
+        out["decode"][name] = decode_rate(Decoder(model, cuda_graph=graph, compile=compiled, fused=False), 1)
     for batch in BATCHES:
-        out["decode"][f"B={batch} graph+compile"] = decode_rate(Decoder(model, batch_size=batch), batch)
+        batched = Decoder(model, batch_size=batch)
+        kind = "fused" if batched.use_fused else "compile"
+        out["decode"][f"B={batch} graph+{kind}"] = decode_rate(batched, batch)
 
     from rwkvkit.runtime.generation import last_logits
 
@@ -180,7 +184,7 @@ def measure_ours(path: Path, tokens: int) -> dict:
     dec8 = Decoder(model)
     got8 = [dec8.prefill(prompt)[0]] + [dec8.step([t])[0] for t in steps[:-1]]
     out["rel_err_int8_vs_fp32"] = _rel(torch.stack(got8).float().cpu(), ref)
-    out["decode"]["graph+compile int8"] = decode_rate(dec8, 1)
+    out["decode"]["graph+fused int8"] = decode_rate(dec8, 1)
     del model, dec8
     torch.cuda.empty_cache()
     return out

@@ -124,3 +124,20 @@ def test_fused_graph_steps_in_half_precision_are_as_close_to_float32_as_the_mode
     eager_err = rel_rms(eager[:, 6:].float(), ref[:, 6:])
     assert rel_rms(steps.float(), ref[:, 6:]) < 1.5 * eager_err
     assert rel_rms(state.wkv, ref_state.wkv) < 10 * eager_err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+@torch.no_grad()
+def test_programmatic_dependent_launch_changes_no_bit():
+    """Kernels that start early (PDL) must read nothing before their inputs are ready: same bits as without it."""
+    from rwkvkit.ops.v7_step.triton_fused import FusedStepV7, StepConfig
+
+    model = random_v7(3).to(DEVICE, torch.float16)
+    ids = token_ids(2, 16, seed=4).to(DEVICE)
+    runs = []
+    for pdl in (False, True):
+        dec = Decoder(model, batch_size=2, fused=True)
+        dec._fused = FusedStepV7(model, 2, StepConfig(pdl=pdl))
+        runs.append((torch.stack([dec.step(ids[:, t]) for t in range(16)], 1), dec.state.wkv))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
