@@ -143,7 +143,7 @@ def test_cuda_graph_matches_eager(official_models, version, compile):
     model = _copy(official_models[version], torch.float32)
     ids = token_ids(4, 10, seed=8).cuda()
     eager = Decoder(model, batch_size=4, cuda_graph=False, compile=False)
-    fast = Decoder(model, batch_size=4, cuda_graph=True, compile=compile)
+    fast = Decoder(model, batch_size=4, cuda_graph=True, compile=compile, fused=False)  # fused: test_fused_step
     for t in range(ids.shape[1]):
         _close(fast.step(ids[:, t]), eager.step(ids[:, t]), tol=1e-3)
     _close(fast.state.wkv, eager.state.wkv, tol=1e-3)
@@ -151,13 +151,15 @@ def test_cuda_graph_matches_eager(official_models, version, compile):
 
 @pytest.mark.gpu
 @torch.no_grad()
-def test_cuda_fp16_graph_decode_tracks_fp32(official_models):
+@pytest.mark.parametrize("fused", [True, False])
+def test_cuda_fp16_graph_decode_tracks_fp32(official_models, fused):
     ref_model = _copy(official_models["7"], torch.float32)
     model = _copy(official_models["7"], torch.float16)
     ids = token_ids(1, 30, seed=9).cuda()
     ref, _ = ref_model(ids)
-    dec = Decoder(model)  # defaults on CUDA: graph + compile, at batch 1 with the matrix-vector pass
-    assert dec.use_graph and dec.use_compile
+    # defaults on CUDA: graph + the fused step; without it graph + compile (batch 1: the matrix-vector pass)
+    dec = Decoder(model, fused="auto" if fused else False)
+    assert dec.use_graph and (dec.use_fused if fused else dec.use_compile)
     logits = dec.prefill(ids[:, :20])
     steps = [logits] + [dec.step(ids[:, t]) for t in range(20, 30)]
     got = torch.stack(steps, 1).float()

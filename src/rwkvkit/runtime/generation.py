@@ -266,10 +266,11 @@ _GRAPH_MIN_TOKENS = 8
 def _decode_step(model, state, max_tokens: int):
     """(step, current_state): the one-token step for the sampling loop, and how to read the state after it.
 
-    On CUDA (from a few tokens on): a `Decoder` replaying a CUDA graph of the model's step (the same kernels as
-    eager, so the same logits; torch.compile is left off: its start-up takes longer than most generations). Its
-    state lives in the decoder's buffers and is copied out only when a final chunk needs it. Elsewhere
-    `DecodeStep`, tracing only where it pays off (over many tokens)."""
+    On CUDA (from a few tokens on): a `Decoder` replaying a CUDA graph, of the fused Triton step for RWKV-7
+    (logits within the dtype's rounding of eager) and of the model's own step for v4-v6 (the same kernels as eager,
+    so the same logits); torch.compile is left off: its start-up takes longer than most generations. Its state
+    lives in the decoder's buffers and is copied out only when a final chunk needs it. Elsewhere `DecodeStep`,
+    tracing only where it pays off (over many tokens)."""
     from rwkvkit.models import RWKVModel
 
     if isinstance(model, RWKVModel) and model.emb.weight.device.type == "cuda" and max_tokens >= _GRAPH_MIN_TOKENS:

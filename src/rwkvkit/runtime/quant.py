@@ -3,9 +3,10 @@ output row (symmetric, round to nearest), multiplied in the activations' dtype.
 
 One-token decoding reads every weight once per token, so its speed is the weight bytes over the memory bandwidth:
 int8 halves the bytes of fp16. That pays only where the dequantization is fused into the product: on the CPU with
-bf16 activations (PyTorch's `_weight_int8pack_mm`, for up to 16 rows at a time). Elsewhere it saves memory, not
-time: on an H100 the `Decoder`'s compiled step measured slower with int8 than with fp16 (docs/generate.md), and the
-compat layer's `"cuda fp16i8"` (eager steps) slower still. The LoRA matrices, mixes and norms stay as they are (a
+bf16 activations (PyTorch's `_weight_int8pack_mm`, for up to 16 rows at a time) and in the `Decoder`'s fused
+RWKV-7 step on CUDA (its kernels read the int8 bytes: 1.19x fp16 at 1.5B on an H100). Elsewhere it saves memory,
+not time: the compiled layer step and the compat layer's `"cuda fp16i8"` (eager steps) widen the weights first
+and measured slower with int8 than with fp16 (docs/generate.md). The LoRA matrices, mixes and norms stay as they are (a
 few percent of the bytes).
 
     model = rwkvkit.load(path, device="cuda", dtype="fp16")
