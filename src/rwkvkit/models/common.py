@@ -241,12 +241,18 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x, att_x, wkv, ffn_x, v_first):
+        x, att_last, wkv, v_first = self.time_mix_residual(x, att_x, wkv, v_first)
+        x, ffn_last = self.channel_mix_residual(x, ffn_x)
+        return x, att_last, wkv, ffn_last, v_first
+
+    def time_mix_residual(self, x, att_x, wkv, v_first):
         xa = self.ln1(x)
         out, wkv, v_first = self.att(xa, att_x.to(xa.dtype), wkv, v_first)
-        x = x + out
+        return x + out, xa[:, -1], wkv, v_first
+
+    def channel_mix_residual(self, x, ffn_x):
         xf = self.ln2(x)
-        x = x + self.ffn(xf, ffn_x.to(xf.dtype))
-        return x, xa[:, -1], wkv, xf[:, -1], v_first
+        return x + self.ffn(xf, ffn_x.to(xf.dtype)), xf[:, -1]
 
 
 class RWKVModel(nn.Module):
@@ -357,17 +363,20 @@ class RWKVModel(nn.Module):
         return (x[0] if single else x), state
 
     def compile_blocks(self, **options) -> None:
-        """torch.compile each block's time-mix and channel-mix (training), the WKV kernel an opaque op inside.
+        """torch.compile each block for training, the WKV kernel an opaque op inside: ln1 + time-mix + residual
+        as one graph, and the channel-mix alone. Every layer runs the same code with its own weights as graph
+        inputs, so a model compiles three graphs (RWKV-7's layer 0 time-mix is the third).
 
-        Not the whole block: on torch 2.11 + CUDA, Inductor's backward of a block (LayerNorm and channel-mix in one
-        graph) returns the channel-mix's [1, 1, C] mix gradient as [C] once B*T reaches ~32k tokens, and autograd
-        rejects it; the two halves compiled apart are correct at every size measured.
+        ln2 stays outside the channel-mix graph: on torch 2.11 + CUDA, Inductor's backward of a graph holding both
+        returned the channel-mix's [1, 1, C] mix gradient as [C] (from 8k tokens per micro-batch on the H100), and
+        autograd rejected it.
         """
         from rwkvkit.ops import preload_kernels
 
         preload_kernels()
         for block in self.blocks:
-            block.att.compile(**options)
+            # an instance attribute shadows the method that Block.forward calls
+            block.time_mix_residual = torch.compile(block.time_mix_residual, **options)
             block.ffn.compile(**options)
 
     def zero_state(self, batch_size: int = 1) -> State:

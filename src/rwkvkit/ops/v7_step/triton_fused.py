@@ -1,4 +1,4 @@
-"""One RWKV-7 decoding step (T == 1) as six fused Triton kernels per layer pair, for small batches.
+"""One RWKV-7 decoding step (T == 1) as five fused Triton kernels per layer, for batches of a few streams.
 
 At batch 1 a step reads every weight once (2.8 GB at 1.5B) and does almost no arithmetic, so its speed is set by
 memory bandwidth and by how many kernels it launches: the model's own code, even compiled, is ~21 kernels per
