@@ -362,7 +362,7 @@ class RWKVModel(nn.Module):
         x, state, single = self._run(idx, state)
         return (x[0] if single else x), state
 
-    def compile_blocks(self, **options) -> None:
+    def compile_blocks(self, mode: str = "default", **options) -> None:
         """torch.compile each block for training, the WKV kernel an opaque op inside: ln1 + time-mix + residual
         as one graph, and the channel-mix alone. Every layer runs the same code with its own weights as graph
         inputs, so a model compiles three graphs (RWKV-7's layer 0 time-mix is the third).
@@ -374,6 +374,8 @@ class RWKVModel(nn.Module):
         from rwkvkit.ops import preload_kernels
 
         preload_kernels()
+        if mode != "default":  # torch.compile's mode ("reduce-overhead": CUDA graphs too)
+            options["mode"] = mode
         for block in self.blocks:
             # an instance attribute shadows the method that Block.forward calls
             block.time_mix_residual = torch.compile(block.time_mix_residual, **options)

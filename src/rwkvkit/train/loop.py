@@ -164,7 +164,7 @@ class Trainer:
         model.train()
         parallel.freeze_unused(model)
         if t.compile:
-            model.compile_blocks()
+            model.compile_blocks(t.compile_mode)
         if t.grad_cp:
             parallel.checkpoint_blocks(model)
         parallel.add_dropout(model, t.dropout)
