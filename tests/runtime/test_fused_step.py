@@ -104,6 +104,10 @@ def test_fused_choice_and_errors(official_models):
         Decoder(official_models["6"].to(DEVICE), fused=True, cuda_graph=False)
     if DEVICE == "cpu":
         assert Decoder(model, fused=True).use_fused  # the interpreter runs it
+    with pytest.raises(ConfigError, match="exclude"):
+        Decoder(model.to(DEVICE), fused=True, compile=True)
+    if DEVICE == "cuda":
+        assert not Decoder(model, compile=True).use_fused  # an explicit compile=True keeps the compiled layers
 
 
 @pytest.mark.gpu

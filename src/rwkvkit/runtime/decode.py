@@ -18,8 +18,9 @@ is set by launch overhead, not by the weights it reads. The decoder removes that
 - fused step (RWKV-7, batch <= FUSED_MAX_BATCH): five Triton kernels per layer that each stream their weights
   once (`rwkvkit.ops.v7_step`), in place of the compiled layers; no compile step at start-up.
 
-The step runs the model's own code (`RWKVModel.run_unchecked`), so its results equal `model(ids, state)` token by
-token; only the fusion changes the rounding.
+Otherwise the step runs the model's own code (`RWKVModel.run_unchecked`), so its results equal `model(ids, state)`
+token by token and only compiling changes the rounding; the fused step follows that code to rounding
+(tests/runtime/test_fused_step.py).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def _resolve(option, name: str, on_cuda: bool) -> bool:
 class Decoder:
     """One-token steps for `batch_size` independent streams of a loaded rwkvkit model (any version).
 
-    cuda_graph: "auto" (on CUDA), True or False. fused: "auto" (RWKV-7 on CUDA, batch_size <= FUSED_MAX_BATCH),
-    True or False: the fused Triton step. compile: "auto" (on CUDA, unless fused), True or False: torch.compile
-    the per-layer step (seconds of start-up, fewer and fused kernels per token). The model is used as it is (put it
+    cuda_graph: "auto" (on CUDA), True or False. fused: "auto" (RWKV-7 on CUDA, batch_size <= FUSED_MAX_BATCH, unless
+    compile=True), True or False: the fused Triton step. compile: "auto" (on CUDA, unless fused), True or False:
+    torch.compile the per-layer step (seconds of start-up, fewer and fused kernels per token). The model is used as it is (put it
     in eval mode and the dtype you want); its weights must not be replaced while a graph holds their addresses
     (changing their values in place is fine). Not thread-safe: one decoder per serving loop.
     """
@@ -66,7 +67,9 @@ class Decoder:
         self.device = model.emb.weight.device
         on_cuda = self.device.type == "cuda"
         self.use_graph = _resolve(cuda_graph, "cuda_graph", on_cuda)
-        self._fused = self._fused_step(fused, on_cuda)
+        if fused is True and compile is True:
+            raise ConfigError("fused=True and compile=True exclude each other (the fused step replaces the layers)")
+        self._fused = self._fused_step(fused, on_cuda and compile is not True)
         self.use_fused = self._fused is not None
         self.use_compile = _resolve(compile, "compile", on_cuda and not self.use_fused)
         if self.use_graph and not on_cuda:
@@ -173,16 +176,16 @@ class Decoder:
         self._graph = graph
         self.load_state(saved)
 
-    def _fused_step(self, option, on_cuda: bool):
+    def _fused_step(self, option, auto_allowed: bool):
         """The fused RWKV-7 step where chosen (None otherwise); "auto" falls back quietly where it cannot run."""
         if option == "auto":
-            if not (on_cuda and self.model.config.version == "7" and self.batch_size <= FUSED_MAX_BATCH):
+            if not (auto_allowed and self.model.config.version == "7" and self.batch_size <= FUSED_MAX_BATCH):
                 return None
             try:
                 return self._make_fused()
             except (ImportError, ConfigError):
                 return None
-        if not _resolve(option, "fused", on_cuda):
+        if not _resolve(option, "fused", auto_allowed):
             return None
         return self._make_fused()
 
