@@ -10,11 +10,11 @@ __version__ = "0.1.0"
 __all__ = ["load", "__version__"]
 
 
-def load(path, device="cpu", dtype=None, tokenizer="auto"):
+def load(path, device="cpu", dtype=None, tokenizer="auto", int8: bool = False):
     """Load a checkpoint (official BlinkDL `.pth` or an HF-style folder) as a ready-to-run model.
 
     `model.forward(tokens, state=None) -> (logits, state)`; `model.tokenizer` encodes/decodes text.
     """
     from rwkvkit.runtime.loader import load as _load
 
-    return _load(path, device=device, dtype=dtype, tokenizer=tokenizer)
+    return _load(path, device=device, dtype=dtype, tokenizer=tokenizer, int8=int8)

@@ -60,11 +60,8 @@ class RWKV:
         self.strategy = parse_strategy(strategy)
         path = _checkpoint_path(model)
         # PIPELINE brings its own tokenizer, as officially
-        self.model = rwkvkit.load(path, device=self.strategy.device, dtype=self.strategy.torch_dtype, tokenizer=None)
-        if self.strategy.quant == "i8":
-            from rwkvkit.runtime.quant import quantize_int8
-
-            quantize_int8(self.model)
+        self.model = rwkvkit.load(path, device=self.strategy.device, dtype=self.strategy.torch_dtype, tokenizer=None,
+                                  int8=self.strategy.quant == "i8")
         use_gemv_friendly_layout(self.model)  # the model is ours alone, and only ever runs inference
         self._decode = DecodeStep(self.model)
         cfg = self.model.config

@@ -76,11 +76,7 @@ def generate(
         frequency_penalty=frequency_penalty,
         penalty_decay=penalty_decay,
     )
-    net = rwkvkit.load(model, device=device, dtype=dtype, tokenizer=tokenizer)
-    if int8:
-        from rwkvkit.runtime.quant import quantize_int8
-
-        quantize_int8(net)
+    net = rwkvkit.load(model, device=device, dtype=dtype, tokenizer=tokenizer, int8=int8)
     use_gemv_friendly_layout(net)
     if net.tokenizer is None:
         raise ConfigError(

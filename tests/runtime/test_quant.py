@@ -69,6 +69,11 @@ def test_compat_strategy_i8_runs_the_quantized_model(tmp_path):
     a, _ = plain.forward(ids, None)
     b, _ = quant.forward(ids, None)
     assert rel_rms(b, a) < 2e-2
+    import rwkvkit
+
+    loaded = rwkvkit.load(path, int8=True)  # the one place generate --int8 and the compat i8 go through
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == sum(
+        isinstance(m, Int8Linear) for m in quant.model.modules())
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])

@@ -24,12 +24,13 @@ def _auto_tokenizer(checkpoint: Path, vocab_size: int):
         return None
 
 
-def load(path, device="cpu", dtype=None, tokenizer="auto"):
+def load(path, device="cpu", dtype=None, tokenizer="auto", int8: bool = False):
     """Load an official `.pth`, a `.safetensors` file or an rwkvkit folder, ready for inference.
 
     dtype: None keeps the stored dtype, except fp16 on CPU, which becomes fp32 (CPU fp16 matmuls are slow and
     lossy); else fp32/fp16/bf16 or a torch.dtype. tokenizer: "auto" (vocab 65536 -> World, 50277/50304 -> NeoX,
-    else None), a tokenizer name or vocab path, a tokenizer object, or None.
+    else None), a tokenizer name or vocab path, a tokenizer object, or None. int8: weight-only int8 matrices
+    (`rwkvkit.runtime.quant.quantize_int8`), for inference.
     Gradients are switched off (a decoding loop then builds no autograd graph through the state); to fine-tune,
     use `rwkvkit.models.checkpoint.load_checkpoint` or `model.train().requires_grad_(True)`.
     """
@@ -42,6 +43,10 @@ def load(path, device="cpu", dtype=None, tokenizer="auto"):
     model = model_from_state_dict(sd, config, device=device, dtype=target)
     model.eval()
     model.requires_grad_(False)
+    if int8:
+        from rwkvkit.runtime.quant import quantize_int8
+
+        quantize_int8(model)
     if tokenizer == "auto":
         model.tokenizer = _auto_tokenizer(Path(path), config.vocab_size)
     elif isinstance(tokenizer, str):
