@@ -90,6 +90,22 @@ def test_default_config_float32_within_tf32_rounding():
         assert rel_err(g, w) < 3e-3, name
 
 
+def test_forward_only_calls_with_few_walkers_take_32_token_chunks(monkeypatch):
+    """Prefill (no gradient, batch x heads small) runs 32-token chunks; anything that wants gradients the default."""
+    seen = []
+    forward = triton_chunk._forward
+    monkeypatch.setattr(triton_chunk, "_forward", lambda *args: seen.append(args[-1]) or forward(*args))
+    inputs, state = rwkv7_like_inputs(1, 45, 2, HEAD, torch.float32, seed=6)
+    with torch.no_grad():
+        y, s_final = triton_chunk.wkv7_triton(*inputs, state)
+    assert seen == [triton_chunk.FORWARD_ONLY_CONFIG]
+    y_ref, s_ref = wkv7_naive(*inputs, state)
+    assert rel_err(y, y_ref) < 3e-3 and rel_err(s_final, s_ref) < 3e-3
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    triton_chunk.wkv7_triton(*leaves, state)
+    assert seen[-1] is triton_chunk.DEFAULT_CONFIG
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_give_half_outputs(dtype):
     """16-bit inputs give y in that dtype and a float32 state, close to the float32 loop on the same inputs."""

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import check_triton_device, walk_block_v
+from rwkvkit.ops import check_triton_device, few_walkers, walk_block_v
 
 
 class KernelConfig(NamedTuple):
@@ -60,6 +60,9 @@ class KernelConfig(NamedTuple):
 
 
 DEFAULT_CONFIG = KernelConfig()
+# Forward-only calls (no gradient wanted) with few walkers, i.e. batch-1 prefill: 32-token chunks halve the sequential
+# walk's steps (H100, 1.5B, 4096-token prefill: 67.3k -> 72.7k tok/s). Training keeps 16: 32 spills in the backward.
+FORWARD_ONLY_CONFIG = KernelConfig(chunk=32)
 
 
 @triton.jit
@@ -569,14 +572,20 @@ def wkv7_triton(
     b: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     *,
-    config: KernelConfig = DEFAULT_CONFIG,
+    config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `rwkvkit.ops.wkv7.wkv7`: [B, T, H, N] inputs, w = log decay, state [B, H, N_v, N_k] fp32.
 
     Returns y in r's dtype and the final state in float32; differentiable in all inputs and initial_state.
-    Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
+    Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path. config None:
+    FORWARD_ONLY_CONFIG for a call that needs no gradient and has few walkers, else DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
+    if config is None:
+        wants_grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
+        few = few_walkers(r.shape[0] * r.shape[2], v.shape[-1])
+        config = FORWARD_ONLY_CONFIG if few and not wants_grad else DEFAULT_CONFIG
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv7 import wkv7
 
