@@ -585,7 +585,9 @@ def wkv7_triton(
         wants_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
         few = few_walkers(r.shape[0] * r.shape[2], v.shape[-1])
-        config = FORWARD_ONLY_CONFIG if few and not wants_grad else DEFAULT_CONFIG
+        # under torch.compile only the default is a registered op (an opaque call in the graph)
+        eager = not torch.compiler.is_compiling()
+        config = FORWARD_ONLY_CONFIG if few and not wants_grad and eager else DEFAULT_CONFIG
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv7 import wkv7
 
