@@ -367,10 +367,6 @@ def _has_pdl(device: torch.device) -> bool:
     return "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 class FusedStepV7:
     """`step(tokens [B, 1] long, state) -> logits [B, V]` for an RWKV-7 model, updating `state` in place.
 
@@ -387,7 +383,7 @@ class FusedStepV7:
             raise ConfigError(f"the fused step is for RWKV-7, this model is RWKV-{cfg.version}")
         emb = model.emb.weight
         check_triton_device(emb, "fused RWKV-7 step", "the model's own step")
-        if cfg.head_size != _pow2(cfg.head_size):
+        if cfg.head_size != triton.next_power_of_2(cfg.head_size):
             raise ConfigError(f"the fused step needs a power-of-two head size, got {cfg.head_size}")
         matrices = [model.head] + [m for b in model.blocks for m in (b.att.receptance, b.att.key, b.att.value,
                                                                       b.att.output, b.ffn.key, b.ffn.value)]
@@ -418,10 +414,10 @@ class FusedStepV7:
         q, scale, cfg, pdl = self.int8, self._scale, self.config, self.pdl
         launch = {"launch_pdl": True} if pdl else {}
         # input columns per load: at most the (power-of-two padded) input length
-        ln_k, head_k = min(cfg.ln_in.k, _pow2(C)), min(cfg.head.k, _pow2(C))
-        att_k, ffn_k = min(cfg.residual.k, _pow2(C)), min(cfg.residual.k, _pow2(F))
+        cdiv, pow2 = triton.cdiv, triton.next_power_of_2
+        ln_k, head_k = min(cfg.ln_in.k, pow2(C)), min(cfg.head.k, pow2(C))
+        att_k, ffn_k = min(cfg.residual.k, pow2(C)), min(cfg.residual.k, pow2(F))
         rows, res_rows = cfg.ln_in.rows, cfg.residual.rows
-        cdiv = triton.cdiv
         x = self.x
         ln0 = m.blocks[0].ln0
         _embed_kernel[(B,)](tokens, m.emb.weight, ln0.weight, ln0.bias, x, ln0.eps, C, ln_k)
@@ -437,7 +433,7 @@ class FusedStepV7:
             _att_core_kernel[(H, B)](
                 self.rkv, self.down, self.v_first, wkv, self.z, att.w0, att.w2, att.a0, att.a2, att.v0, att.v2,
                 att.g2, att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps,
-                C, H, N, RW, RA, RV, RG, *(_pow2(r) for r in self.ranks), i == 0, pdl,
+                C, H, N, RW, RA, RV, RG, *(pow2(r) for r in self.ranks), i == 0, pdl,
                 num_warps=cfg.core_warps, **launch)
             _proj_add_kernel[(cdiv(C, res_rows), B)](
                 self.z, att.output.weight, scale(att.output), x, self.xa, att_x, C, C, q, res_rows, att_k, pdl,
