@@ -104,6 +104,12 @@ def test_fused_choice_and_errors(official_models):
         Decoder(official_models["6"].to(DEVICE), fused=True, cuda_graph=False)
     if DEVICE == "cpu":
         assert Decoder(model, fused=True).use_fused  # the interpreter runs it
+    strided = random_v7(1).to(DEVICE)
+    strided.blocks[0].att.key.weight.data = strided.blocks[0].att.key.weight.data.t().contiguous().t()
+    with pytest.raises(ConfigError, match="blocks.0.att.key.weight is not"):
+        Decoder(strided, fused=True, cuda_graph=False)
+    if DEVICE == "cuda":
+        assert not Decoder(strided).use_fused  # "auto" falls back to the model's step
     with pytest.raises(ConfigError, match="exclude"):
         Decoder(model.to(DEVICE), fused=True, compile=True)
     if DEVICE == "cuda":

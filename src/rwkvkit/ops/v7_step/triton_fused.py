@@ -385,6 +385,11 @@ class FusedStepV7:
         check_triton_device(emb, "fused RWKV-7 step", "the model's own step")
         if cfg.head_size != triton.next_power_of_2(cfg.head_size):
             raise ConfigError(f"the fused step needs a power-of-two head size, got {cfg.head_size}")
+        # the kernels index every weight as a plain row-major array
+        strided = [name for name, p in model.named_parameters() if not p.is_contiguous()]
+        if strided:
+            raise ConfigError(f"the fused step reads weights in place and needs them contiguous: {strided[0]} is not "
+                              "(e.g. after use_gemv_friendly_layout; call .contiguous() on it)")
         matrices = [model.head] + [m for b in model.blocks for m in (b.att.receptance, b.att.key, b.att.value,
                                                                       b.att.output, b.ffn.key, b.ffn.value)]
         int8 = {m.weight.dtype == torch.int8 and hasattr(m, "scale") for m in matrices}
