@@ -581,9 +581,9 @@ def wkv7_triton(
     FORWARD_ONLY_CONFIG for a call that needs no gradient and has few walkers, else DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
     if config is None:
-        wants_grad = torch.is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
         few = few_walkers(r.shape[0] * r.shape[2], v.shape[-1])
         # under torch.compile only the default is a registered op (an opaque call in the graph)
         eager = not torch.compiler.is_compiling()
@@ -594,11 +594,10 @@ def wkv7_triton(
         return wkv7(r, w, k, v, a, b, initial_state, impl="chunked")
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     s0 = None if initial_state is None else initial_state.contiguous()
-    tensors = (r, w, k, v, a, b) + (() if s0 is None else (s0,))
     if config is DEFAULT_CONFIG:
         y, s_final, _, _ = _wkv7_fwd_op(r, w, k, v, a, b, s0)
         return y, s_final
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+    if wants_grad:
         return _WKV7.apply(r, w, k, v, a, b, s0, config)
     y, s_final, _, _ = _forward(r, w, k, v, a, b, s0, config)
     return y, s_final
