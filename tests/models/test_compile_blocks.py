@@ -1,4 +1,4 @@
-"""RWKVModel.compile_blocks: what it hands torch.compile (the compiled graphs themselves: tests/ops/test_wkv7_triton.py)."""
+"""RWKVModel.compile_blocks: what it hands torch.compile (the compiled graphs: tests/ops/test_wkv7_triton.py)."""
 
 from __future__ import annotations
 

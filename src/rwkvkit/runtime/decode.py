@@ -52,9 +52,9 @@ class Decoder:
 
     cuda_graph: "auto" (on CUDA), True or False. fused: "auto" (RWKV-7 on CUDA, batch_size <= FUSED_MAX_BATCH, unless
     compile=True), True or False: the fused Triton step. compile: "auto" (on CUDA, unless fused), True or False:
-    torch.compile the per-layer step (seconds of start-up, fewer and fused kernels per token). The model is used as it is (put it
-    in eval mode and the dtype you want); its weights must not be replaced while a graph holds their addresses
-    (changing their values in place is fine). Not thread-safe: one decoder per serving loop.
+    torch.compile the per-layer step (seconds of start-up, fewer and fused kernels per token). The model is used
+    as it is (put it in eval mode and the dtype you want); its weights must not be replaced while a graph holds
+    their addresses (changing their values in place is fine). Not thread-safe: one decoder per serving loop.
     """
 
     def __init__(self, model: RWKVModel, batch_size: int = 1, cuda_graph="auto", compile="auto", fused="auto"):
