@@ -41,14 +41,15 @@ def token_ids(batch: int, length: int, seed: int = 0):
     return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def random_v7(n_layer: int):
-    """A tiny RWKV-7 (width 64, head 16, vocab 97) in eval mode, seed 0, with noise on every weight: the init
-    zeroes some matrices, and every path should count."""
+def random_v7(n_layer: int, seed: int = 0, **config):
+    """A tiny RWKV-7 (default width 64, head 16, vocab 97; `config` overrides RWKVConfig fields) in eval mode, with
+    noise on every weight: the init zeroes some matrices, and every path should count."""
     from rwkvkit.models import build_model
     from rwkvkit.models.common import RWKVConfig
 
-    torch.manual_seed(0)
-    model = build_model(RWKVConfig("7", n_layer=n_layer, n_embd=64, vocab_size=97, head_size=16), init=True).eval()
+    torch.manual_seed(seed)
+    config = dict(n_embd=64, vocab_size=97, head_size=16) | config
+    model = build_model(RWKVConfig("7", n_layer=n_layer, **config), init=True).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -14,22 +14,13 @@ from triton_interpreter import device_for_kernel_tests
 DEVICE = device_for_kernel_tests("rwkvkit.ops.v7_step.triton_fused")
 
 from rwkvkit.errors import ConfigError  # noqa: E402
-from rwkvkit.models import build_model  # noqa: E402
-from rwkvkit.models.common import RWKVConfig  # noqa: E402
 from rwkvkit.ops.testing import rel_rms  # noqa: E402
 from rwkvkit.runtime.decode import Decoder  # noqa: E402
 
 
 def odd_ranks_v7():
     """Widths that are not multiples of the row blocks: LoRAs, vocabulary, n_embd 80 (5 heads of 16)."""
-    torch.manual_seed(1)
-    cfg = RWKVConfig("7", n_layer=2, n_embd=80, vocab_size=97, head_size=16, w_lora=24, a_lora=8, v_lora=40,
-                     g_lora=20)
-    model = build_model(cfg, init=True).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return random_v7(2, seed=1, n_embd=80, w_lora=24, a_lora=8, v_lora=40, g_lora=20)
 
 
 def int8_v7():
