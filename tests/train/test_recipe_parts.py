@@ -144,3 +144,17 @@ def test_recipes_parse_and_match_the_size_ladder():
     tiny = parse_config(["--config", str(configs / "v7-tiny-cpu.yaml"), "--train.micro_bsz", "2"])
     assert tiny.train.micro_bsz == 2 and tiny.train.device == "cpu"
     assert math.isclose(parse_config([]).optim.adam_eps, 1e-18)
+
+
+def test_compile_mode_comes_from_the_recipe_and_a_bad_one_is_named(capsys):
+    from pathlib import Path
+
+    from rwkvkit.train.pretrain import parse_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert parse_config(["--config", str(configs / "v7-0.1b.yaml")]).train.compile_mode == "reduce-overhead"
+    assert parse_config(["--config", str(configs / "v7-1.5b.yaml")]).train.compile_mode == "default"
+    with pytest.raises(SystemExit):
+        parse_config(["--train.compile_mode", "bogus"])
+    err = capsys.readouterr().err
+    assert "train.compile_mode" in err and "reduce-overhead" in err and "bogus" in err
