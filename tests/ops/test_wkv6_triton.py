@@ -78,3 +78,15 @@ def test_default_config_bf16():
     y_ref, s_ref = wkv6_naive(*inputs, state)
     assert rel_err(y, y_ref) < 1e-2
     assert rel_err(s_final, s_ref) < 2e-3
+
+
+def test_default_config_gradients_float32_within_tf32_rounding():
+    """The default config's gradient kernel (operands rounded to tf32 once each) against the naive loop."""
+    T = 29
+    inputs, state = rwkv6_like_inputs(1, T, 2, HEAD, seed=7)
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
+    got = run(triton_chunk.wkv6_triton, inputs, state, dy, ds)
+    want = run(wkv6_naive, inputs, state, dy, ds)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 3e-3, name

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from rwkvkit.ops import check_triton_device
-from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _shapes
+from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _round_to_tf32, _shapes
 
 DEFAULT_CONFIG = KernelConfig()
 
@@ -157,8 +157,10 @@ def _bwd_chunk(
     r, w, k, v, u, dy, states, dstates,
     dr, dw, dk, dv, du_parts,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
+    C: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
 ):  # fmt: skip
+    """All input gradients of one chunk (du as per-chunk parts). Like WKV7's: each gradient is stored once complete,
+    dS_C and S_0 are loaded in turn, the decay gradient is summed from x * dx, ROUND_ONCE rounds operands once."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -172,37 +174,59 @@ def _bwd_chunk(
     pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
     pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
     p_state = (i_bh * n_chunks + i_t) * K * V + cols_k[:, None] * V + cols_v[None, :]
-    S0 = tl.load(states + p_state)
-    dSC = tl.load(dstates + p_state)
-    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
+    g_end = tl.sum(ww, 0)
+    g_mid = tl.sum(tl.where(rows[:, None] == C // 2, G, 0.0), 0)
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+    uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
+    r_in = rr * tl.exp(G - ww - g_mid[None, :])
+    k_in = kk * tl.exp(g_mid[None, :] - G)
+    k_e = kk * tl.exp(g_end[None, :] - G)
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
-    uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
-    e_gp, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
-    r_s = rr * e_gp
-    r_in = rr * e_gp_m
-    k_in = kk * e_m_g
-    k_e = kk * e_end_g
-    m = _pairs(rr, kk, uu, e_gp_m, e_m_g, C, PC)
-    d_v = _dot(tl.trans(m), do, PC) + _dot(k_e, dSC, PS)
+    if ROUND_ONCE:
+        r_in = _round_to_tf32(r_in)
+        k_in = _round_to_tf32(k_in)
+        k_e = _round_to_tf32(k_e)
+        vv = _round_to_tf32(vv)
+        do = _round_to_tf32(do)
+    strict = rows[:, None] > rows[None, :]
+    on_diag = rows[:, None] == rows[None, :]
+    bonus = tl.sum(rr * uu[None, :] * kk, 1)  # <r_t, u k_t>
+    m = tl.where(strict, _dot(r_in, tl.trans(k_in), PC), 0.0) + tl.where(on_diag, bonus[:, None], 0.0)
     d_m = _dot(do, tl.trans(vv), PC)
-    d_m_strict = tl.where(rows[:, None] > rows[None, :], d_m, 0.0)
-    d_diag = tl.sum(tl.where(rows[:, None] == rows[None, :], d_m, 0.0), 1)[:, None]  # dL/d<r_t, u k_t>
-    d_rs = _dot(do, tl.trans(S0), PS)
-    d_rin = _dot(d_m_strict, k_in, PC)
-    d_kin = _dot(tl.trans(d_m_strict), r_in, PC)
-    d_ke = _dot(vv, tl.trans(dSC), PS)
-    tl.store(dr + pk, (d_rs * e_gp + d_rin * e_gp_m + d_diag * uu[None, :] * kk).to(dr.dtype.element_ty), mask=live)
-    tl.store(dk + pk, (d_kin * e_m_g + d_ke * e_end_g + d_diag * uu[None, :] * rr).to(dk.dtype.element_ty), mask=live)
+    d_bonus = tl.sum(tl.where(on_diag, d_m, 0.0), 1)[:, None]
+    d_m = tl.where(strict, d_m, 0.0)
+    if ROUND_ONCE:
+        m = _round_to_tf32(m)
+        d_m = _round_to_tf32(d_m)
+    tl.store(du_parts + (i_bh * n_chunks + i_t) * K + cols_k, tl.sum(d_bonus * rr * kk, 0))
+    # the parts that meet dS_C: v, and k through S_C = diag(e^{G_C}) S_0 + K_e^T V
+    dSC = tl.load(dstates + p_state)
+    if ROUND_ONCE:
+        dSC = _round_to_tf32(dSC)
+    d_v = _dot(tl.trans(m), do, PC) + _dot(k_e, dSC, PS)
     tl.store(dv + pv, d_v.to(dv.dtype.element_ty), mask=live)
-    tl.store(du_parts + (i_bh * n_chunks + i_t) * K + cols_k, tl.sum(d_diag * rr * kk, 0))
-    # as in WKV7: each scaled vector feeds +-(dx * x) into its G; the middle-token reference cancels
-    g_cur = -d_kin * k_in - d_ke * k_e  # wrt G_t
-    g_prev = d_rs * r_s + d_rin * r_in  # wrt G_{t-1}
-    g_end = tl.sum(d_ke * k_e, 0) + tl.sum(dSC * S0, 1) * e_end  # wrt G_C
-    d_w = tl.cumsum(g_cur, 0, reverse=True) + tl.cumsum(g_prev, 0, reverse=True) - g_prev + g_end[None, :]
+    d_k_end = _dot(vv, tl.trans(dSC), PS) * tl.exp(g_end[None, :] - G)
+    d_k_decayed = _dot(tl.trans(d_m), r_in, PC) * tl.exp(g_mid[None, :] - G) + d_k_end
+    tl.store(dk + pk, (d_k_decayed + d_bonus * uu[None, :] * rr).to(dk.dtype.element_ty), mask=live)
+    # gradients of G_t (from k), G_{t-1} (from r) and G_C; the middle-token reference cancels in every pair
+    d_gcur = -(kk * d_k_decayed)
+    d_gend = tl.sum(kk * d_k_end, 0)
+    # the parts that meet S_0: r through y = R~ S_0 + M V
+    S0 = tl.load(states + p_state)
+    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+    if ROUND_ONCE:
+        S0 = _round_to_tf32(S0)
+        do = _round_to_tf32(do)
+    d_r_decayed = _dot(do, tl.trans(S0), PS) * tl.exp(G - ww) + _dot(d_m, k_in, PC) * tl.exp(G - ww - g_mid[None, :])
+    tl.store(dr + pk, (d_r_decayed + d_bonus * uu[None, :] * kk).to(dr.dtype.element_ty), mask=live)
+    d_gprev = rr * d_r_decayed
+    d_gend += tl.sum(tl.load(dstates + p_state) * tl.load(states + p_state), 1) * tl.exp(g_end)
+    # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C
+    d_w = tl.cumsum(d_gcur, 0, reverse=True) + tl.cumsum(d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
     tl.store(dw + pk, d_w.to(dw.dtype.element_ty), mask=live)
 
 
@@ -247,9 +271,11 @@ class _WKV6(torch.autograd.Function):
         )  # fmt: skip
         grads = [torch.empty_like(x) for x in (r, w, k, v)]
         du_parts = torch.empty(B, H, n_chunks, K, device=r.device, dtype=torch.float32)
+        round_once = cfg.round_once and ps == pc == "tf32r"
+        ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
         _bwd_chunk[(n_chunks, B * H)](
             r, w, k, v, u, dy, states, dstates, *grads, du_parts,
-            T, H, K, V, cfg.chunk, ps, pc, num_warps=cfg.warps_chunk,
+            T, H, K, V, cfg.chunk, ps_c, pc_c, round_once, num_warps=cfg.warps_grad,
         )  # fmt: skip
         du = du_parts.sum((0, 2)).to(u.dtype)
         ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None

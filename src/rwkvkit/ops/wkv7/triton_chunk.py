@@ -51,7 +51,7 @@ class KernelConfig(NamedTuple):
     block_v: int | None = None  # value rows per program in the sequential walks (None: ops.walk_block_v's rule)
     warps_seq: int = 4
     warps_chunk: int = 4
-    warps_grad: int = 8  # _bwd_chunk: 8 warps measured 22% faster than 4 on an H100 (fewer spills)
+    warps_grad: int = 4  # _bwd_chunk (WKV7 and WKV6)
     round_once: bool = True  # tf32r in the gradient kernel: round each operand once, not in every product
     stages_seq: int | None = None  # WKV7 walks' pipelining stages (None: Triton's; 1-4 measured alike, H100)
 
@@ -324,8 +324,11 @@ def _bwd_chunk(
 ):  # fmt: skip
     """All input gradients of one chunk, from S_0, dS_C and the forward's U and the backward's dW.
 
-    ROUND_ONCE (for "tf32r"): round every operand to tf32 once where it is made, and multiply with plain "tf32",
-    rather than rounding again inside each of the 21 products (which keeps two copies of many tiles alive)."""
+    Written to keep few tiles alive at once: each gradient is stored as soon as it is complete, the decay factors
+    are recomputed where they are used, dS_C and S_0 are loaded in turn, a few tiles are reloaded rather than kept,
+    and the decay gradient is summed as it goes (a vector x scaled by e^{+-G} gives +-x dx to that G). With all
+    tiles alive to the end it needed 8 warps and ran 1.8x slower (H100: 2.85 -> 1.61 ms at the 0.1B shape).
+    ROUND_ONCE (for "tf32r"): round every operand to tf32 once where it is made, and multiply with plain "tf32"."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -340,46 +343,35 @@ def _bwd_chunk(
     pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
     scratch = (i_bh * n_chunks * C + tok[:, None]) * V + cols_v[None, :]
     p_state = (i_bh * n_chunks + i_t) * V * K + cols_v[:, None] * K + cols_k[None, :]
-    S0 = tl.load(states + p_state)
-    dSC = tl.load(dstates + p_state)
-    U = tl.load(u + scratch)
-    dW = tl.load(dw_u + scratch)
-    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
+    g_end = tl.sum(ww, 0)
+    g_mid = tl.sum(tl.where(rows[:, None] == C // 2, G, 0.0), 0)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
     bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
+    k_in = kk * tl.exp(g_mid[None, :] - G)
+    b_in = bb * tl.exp(g_mid[None, :] - G)
+    r_in = rr * tl.exp(G - g_mid[None, :])
+    a_in = aa * tl.exp(G - ww - g_mid[None, :])
+    k_e = kk * tl.exp(g_end[None, :] - G)
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
-    e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
-    r_s = rr * e_g
-    a_s = aa * e_gp
-    r_in = rr * e_g_m
-    a_in = aa * e_gp_m
-    k_in = kk * e_m_g
-    b_in = bb * e_m_g
-    k_e = kk * e_end_g
-    b_e = bb * e_end_g
+    U = tl.load(u + scratch)
+    dW = tl.load(dw_u + scratch)
     if ROUND_ONCE:
-        S0 = _round_to_tf32(S0)
-        dSC = _round_to_tf32(dSC)
-        U = _round_to_tf32(U)
-        dW = _round_to_tf32(dW)
-        vv = _round_to_tf32(vv)
-        do = _round_to_tf32(do)
-        r_in = _round_to_tf32(r_in)
-        a_in = _round_to_tf32(a_in)
         k_in = _round_to_tf32(k_in)
         b_in = _round_to_tf32(b_in)
+        r_in = _round_to_tf32(r_in)
+        a_in = _round_to_tf32(a_in)
         k_e = _round_to_tf32(k_e)
+        vv = _round_to_tf32(vv)
+        do = _round_to_tf32(do)
+        U = _round_to_tf32(U)
+        dW = _round_to_tf32(dW)
     m_ak = _pair_matrix(a_in, k_in, False, C, PC)
     m_rk = _pair_matrix(r_in, k_in, True, C, PC)
-    if ROUND_ONCE:
-        m_ak = _round_to_tf32(m_ak)
-        m_rk = _round_to_tf32(m_rk)
-    # back through y = R~ S_0^T + M_rb U + M_rk V, S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e, U = solve rhs
-    d_v = _dot(tl.trans(m_rk), do, PC) + _dot(tl.trans(m_ak), dW, PC)
-    d_v += _dot(k_e, tl.trans(dSC), PS)
     incl = rows[:, None] >= rows[None, :]
     strict = rows[:, None] > rows[None, :]
     d_mrb = tl.where(incl, _dot(do, tl.trans(U), PC), 0.0)
@@ -387,32 +379,68 @@ def _bwd_chunk(
     d_mab = tl.where(strict, _dot(dW, tl.trans(U), PC), 0.0)
     d_mak = tl.where(strict, _dot(dW, tl.trans(vv), PC), 0.0)
     if ROUND_ONCE:
+        m_ak = _round_to_tf32(m_ak)
+        m_rk = _round_to_tf32(m_rk)
         d_mrb = _round_to_tf32(d_mrb)
         d_mrk = _round_to_tf32(d_mrk)
         d_mab = _round_to_tf32(d_mab)
         d_mak = _round_to_tf32(d_mak)
-    d_rs = _dot(do, S0, PS)
-    d_as = _dot(dW, S0, PS)
-    d_rin = _dot(d_mrb, b_in, PC) + _dot(d_mrk, k_in, PC)
-    d_ain = _dot(d_mab, b_in, PC) + _dot(d_mak, k_in, PC)
-    d_bin = _dot(tl.trans(d_mrb), r_in, PC)
-    d_bin += _dot(tl.trans(d_mab), a_in, PC)
-    d_kin = _dot(tl.trans(d_mrk), r_in, PC)
-    d_kin += _dot(tl.trans(d_mak), a_in, PC)
-    d_be = _dot(U, dSC, PS)
-    d_ke = _dot(vv, dSC, PS)
-    tl.store(dr + pk, (d_rs * e_g + d_rin * e_g_m).to(dr.dtype.element_ty), mask=live)
-    tl.store(da + pk, (d_as * e_gp + d_ain * e_gp_m).to(da.dtype.element_ty), mask=live)
-    tl.store(dk + pk, (d_kin * e_m_g + d_ke * e_end_g).to(dk.dtype.element_ty), mask=live)
-    tl.store(db + pk, (d_bin * e_m_g + d_be * e_end_g).to(db.dtype.element_ty), mask=live)
+    # the parts that meet dS_C: v, and k and b through S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e
+    dSC = tl.load(dstates + p_state)
+    if ROUND_ONCE:
+        dSC = _round_to_tf32(dSC)
+    d_v = _dot(tl.trans(m_rk), do, PC) + _dot(tl.trans(m_ak), dW, PC) + _dot(k_e, tl.trans(dSC), PS)
     tl.store(dv + pv, d_v.to(dv.dtype.element_ty), mask=live)
-    # Each scaled vector x e^{+-G} feeds +-(dx * x) back into that G; the middle-token reference G_m cancels
-    # exactly in every pair, so it gets no gradient.
-    g_cur = d_rs * r_s + d_rin * r_in - d_kin * k_in - d_bin * b_in - d_ke * k_e - d_be * b_e  # wrt G_t
-    g_prev = d_as * a_s + d_ain * a_in  # wrt G_{t-1}
-    g_end = tl.sum(d_ke * k_e + d_be * b_e, 0) + tl.sum(dSC * S0, 0) * e_end  # wrt G_C
+    # Each gradient is the sum of a state part and an in-chunk pairs part; the decay gradient takes x dx of each
+    # part with x as that part's products saw it (rounded operands for the pairs), so that the two ends of every
+    # pair, which enter G with opposite signs, cancel exactly.
+    e_end_g = tl.exp(g_end[None, :] - G)
+    d_k_state = _dot(vv, dSC, PS)
+    d_k_pairs = _dot(tl.trans(d_mrk), r_in, PC) + _dot(tl.trans(d_mak), a_in, PC)
+    tl.store(dk + pk, (d_k_pairs * tl.exp(g_mid[None, :] - G) + d_k_state * e_end_g).to(dk.dtype.element_ty),
+             mask=live)
+    # gradients of G_t (from r, k, b), G_{t-1} (from a) and G_C; the middle-token reference cancels in every pair
+    d_gcur = -(d_k_pairs * k_in + d_k_state * k_e)
+    d_gend = tl.sum(d_k_state * k_e, 0)
+    b_e = tl.load(b + pk, mask=live, other=0.0).to(tl.float32) * e_end_g
+    d_b_state = _dot(U, dSC, PS)
+    d_b_pairs = _dot(tl.trans(d_mrb), r_in, PC) + _dot(tl.trans(d_mab), a_in, PC)
+    tl.store(db + pk, (d_b_pairs * tl.exp(g_mid[None, :] - G) + d_b_state * e_end_g).to(db.dtype.element_ty),
+             mask=live)
+    d_gcur -= d_b_pairs * b_in + d_b_state * b_e
+    d_gend += tl.sum(d_b_state * b_e, 0)
+    # the parts that meet S_0: r and a through y = R~ S_0^T + ... and U = solve (A~ S_0^T + ...)
+    S0 = tl.load(states + p_state)
+    # reloaded rather than kept alive through the dS_C part (cheaper than the registers they would hold)
+    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+    dW = tl.load(dw_u + scratch)
+    if ROUND_ONCE:
+        S0 = _round_to_tf32(S0)
+        do = _round_to_tf32(do)
+        dW = _round_to_tf32(dW)
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+    r_s = rr * tl.exp(G)
+    r_in = rr * tl.exp(G - g_mid[None, :])  # recomputed (the same value) rather than kept alive
+    if ROUND_ONCE:
+        r_in = _round_to_tf32(r_in)
+    d_r_state = _dot(do, S0, PS)
+    d_r_pairs = _dot(d_mrb, b_in, PC) + _dot(d_mrk, k_in, PC)
+    tl.store(dr + pk, (d_r_state * tl.exp(G) + d_r_pairs * tl.exp(G - g_mid[None, :])).to(dr.dtype.element_ty),
+             mask=live)
+    d_gcur += d_r_state * r_s + d_r_pairs * r_in
+    aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
+    a_s = aa * tl.exp(G - ww)
+    a_in = aa * tl.exp(G - ww - g_mid[None, :])
+    if ROUND_ONCE:
+        a_in = _round_to_tf32(a_in)
+    d_a_state = _dot(dW, S0, PS)
+    d_a_pairs = _dot(d_mab, b_in, PC) + _dot(d_mak, k_in, PC)
+    tl.store(da + pk, (d_a_state * tl.exp(G - ww) + d_a_pairs * tl.exp(G - ww - g_mid[None, :])).to(
+        da.dtype.element_ty), mask=live)
+    d_gprev = d_a_state * a_s + d_a_pairs * a_in
+    d_gend += tl.sum(tl.load(dstates + p_state) * tl.load(states + p_state), 0) * tl.exp(g_end)
     # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C
-    d_w = tl.cumsum(g_cur, 0, reverse=True) + tl.cumsum(g_prev, 0, reverse=True) - g_prev + g_end[None, :]
+    d_w = tl.cumsum(d_gcur, 0, reverse=True) + tl.cumsum(d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
     tl.store(dw + pk, d_w.to(dw.dtype.element_ty), mask=live)
 
 
