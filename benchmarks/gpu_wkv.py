@@ -36,10 +36,13 @@ QUANTITIES = {
 
 
 def _config(chunk=16, state="tf32r", chunk_dots="tf32r", solve="tf32r", block_v=32, **kw):
-    return KernelConfig(chunk, state, chunk_dots, solve, block_v, **kw)
+    return KernelConfig(chunk=chunk, precision_state=state, precision_chunk=chunk_dots, precision_solve=solve,
+                        block_v=block_v, **kw)
 
 
 VARIANTS = {  # H100 history in docs/gpu.md: ieee 6x slower, raw tf32 1.78x the floor, chunk 32 spills
+    "c32g16-tf32r-v32": _config(chunk=32, grad_chunk=16),  # WKV7's default (WKV6 has no grad_chunk)
+    "c32g32-tf32r-v32-g8": _config(chunk=32, grad_chunk=32, warps_grad=8),
     "c16-tf32r-v32": _config(),
     "c16-tf32r-v64": _config(block_v=64),
     "c16-tf32r-v16": _config(block_v=16),
@@ -54,7 +57,7 @@ VARIANTS = {  # H100 history in docs/gpu.md: ieee 6x slower, raw tf32 1.78x the 
     "c16-tf32-v32": _config(state="tf32", chunk_dots="tf32", solve="tf32"),
     "c16-ieee-v64": _config(state="ieee", chunk_dots="ieee", solve="ieee", block_v=64),
 }
-DEFAULT_VARIANT = "c16-tf32r-v32"
+DEFAULT_VARIANT = {"wkv7": "c32g16-tf32r-v32", "wkv6": "c16-tf32r-v32"}
 
 
 def rwkv7_inputs(B, T, H, N, dtype, seed=0):
@@ -238,7 +241,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", default="wkv7", choices=["wkv7", "wkv6", "wkv4"])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--variants", nargs="*", default=[DEFAULT_VARIANT], help="names from VARIANTS, or 'all'")
+    p.add_argument("--variants", nargs="*", default=None, help="names from VARIANTS, or 'all' (default: the op's default)")
     p.add_argument("--fla", action="store_true", help="add fla's chunk_rwkv7 (its first call autotunes for minutes)")
     p.add_argument("--peer", default=None, metavar="FILE",
                    help="a Python file whose peer_fns(op) returns more {name: fn} to time beside ours (peers whose "
@@ -247,7 +250,7 @@ def main():
     p.add_argument("--odd-length", type=int, default=0, help="also check accuracy at this T (batch 1)")
     p.add_argument("--profile", action="store_true", help="per-kernel device time of our variants")
     args = p.parse_args()
-    names = list(VARIANTS) if args.variants == ["all"] else args.variants
+    names = list(VARIANTS) if args.variants == ["all"] else args.variants or [DEFAULT_VARIANT.get(args.op)]
     quantities = QUANTITIES[args.op]
     make_inputs = {"wkv7": rwkv7_inputs, "wkv6": rwkv6_inputs, "wkv4": rwkv4_inputs}[args.op]
     if args.op == "wkv4":  # one Triton kernel (no configs): beside the PyTorch path "auto" took before it

@@ -55,15 +55,17 @@ NAMES = ["y", "final_state", "dr", "dw", "dk", "dv", "da", "db", "d_initial_stat
 
 
 @pytest.mark.parametrize(
-    "T, with_state, chunk",
-    [(37, True, 16), (16, False, 16), (5, False, 16), (45, True, 32)],
+    "T, with_state, chunk, grad_chunk",
+    # walks of 32 or 64 tokens with a gradient kernel of 16 (states at the sub-chunk starts), or of 32
+    [(37, True, 16, 16), (16, False, 16, 16), (5, False, 16, 16), (45, True, 32, 16), (45, True, 32, 32),
+     (70, False, 64, 16)],
 )
-def test_matches_naive_float32(T, with_state, chunk, monkeypatch):
+def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
     inputs, state = rwkv7_like_inputs(2, T, 2, HEAD, torch.float32, seed=T)
     state = state if with_state else None
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
-    cfg = triton_chunk.KernelConfig(chunk=chunk, **EXACT)
+    cfg = triton_chunk.KernelConfig(chunk=chunk, grad_chunk=grad_chunk, **EXACT)
     want = run(wkv7_naive, inputs, state, dy, ds)
     # every buffer the kernels fill starts as NaN, so an element they forget to write shows up
     nan_filled = {name: getattr(torch, name) for name in ("empty", "empty_like")}
@@ -90,20 +92,27 @@ def test_default_config_float32_within_tf32_rounding():
         assert rel_err(g, w) < 3e-3, name
 
 
-def test_forward_only_calls_with_few_walkers_take_32_token_chunks(monkeypatch):
-    """Prefill (no gradient, batch x heads small) runs 32-token chunks; anything that wants gradients the default."""
+def test_calls_without_gradients_keep_no_sub_chunk_states(monkeypatch):
+    """A call that wants no gradient keeps states at the walks' chunk starts only; one that does, at every
+    gradient sub-chunk (the default config walks 32 tokens, its gradient kernel takes 16)."""
     seen = []
     forward = triton_chunk._forward
-    monkeypatch.setattr(triton_chunk, "_forward", lambda *args: seen.append(args[-1]) or forward(*args))
+
+    def spy(*args, **kw):
+        out = forward(*args, **kw)
+        seen.append(out[2].shape[2])  # states kept per batch row and head
+        return out
+
+    monkeypatch.setattr(triton_chunk, "_forward", spy)
     inputs, state = rwkv7_like_inputs(1, 45, 2, HEAD, torch.float32, seed=6)
     with torch.no_grad():
         y, s_final = triton_chunk.wkv7_triton(*inputs, state)
-    assert seen == [triton_chunk.FORWARD_ONLY_CONFIG]
     y_ref, s_ref = wkv7_naive(*inputs, state)
     assert rel_err(y, y_ref) < 3e-3 and rel_err(s_final, s_ref) < 3e-3
     leaves = [x.clone().requires_grad_() for x in inputs]
     triton_chunk.wkv7_triton(*leaves, state)
-    assert seen[-1] is triton_chunk.DEFAULT_CONFIG
+    assert triton_chunk.DEFAULT_CONFIG.chunk == 32 and triton_chunk.DEFAULT_CONFIG.grad_chunk == 16
+    assert seen == [2, 4]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import check_triton_device, few_walkers, walk_block_v
+from rwkvkit.ops import check_triton_device, walk_block_v
 
 
 class KernelConfig(NamedTuple):
@@ -44,7 +44,8 @@ class KernelConfig(NamedTuple):
     "tf32r" (operands rounded to tf32, then tensor cores), "tf32" (tensor cores on truncated operands) or "tf32x3",
     set separately for the products with the state (or its gradient), the other in-chunk products, and the solve."""
 
-    chunk: int = 16  # tokens per chunk (power of two >= 16)
+    chunk: int = 16  # tokens per chunk of the walks, the preparation and the output (power of two >= 16)
+    grad_chunk: int = 16  # tokens per program of the gradient kernel (power of two, 16 <= grad_chunk <= chunk)
     precision_state: str = "tf32r"
     precision_chunk: str = "tf32r"
     precision_solve: str = "tf32r"
@@ -59,10 +60,9 @@ class KernelConfig(NamedTuple):
         return self.precision_state, self.precision_chunk, self.precision_solve
 
 
-DEFAULT_CONFIG = KernelConfig()
-# Forward-only calls (no gradient wanted) with few walkers, i.e. batch-1 prefill: 32-token chunks halve the sequential
-# walk's steps (H100, 1.5B, 4096-token prefill: 67.3k -> 72.7k tok/s). Training keeps 16: 32 spills in the backward.
-FORWARD_ONLY_CONFIG = KernelConfig(chunk=32)
+# 32-token walks (half the sequential steps of 16) with the gradient kernel on 16-token sub-chunks (at 32 it spills).
+# H100, B8 T4096 H12: fwd 1.43 -> 1.22 ms, fwd+bwd 4.13 -> 4.04 against chunk 16.
+DEFAULT_CONFIG = KernelConfig(chunk=32, grad_chunk=16)
 
 
 @triton.jit
@@ -161,7 +161,7 @@ def _fwd_prep(
 def _fwd_state(
     w, k, v, b, wa, uv, u, s0, states, s_final,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
 ):  # fmt: skip
     """The sequential part: walk the chunks, U = uv + wa S_0^T, S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e."""
     i_v = tl.program_id(0)
@@ -178,7 +178,7 @@ def _fwd_state(
     else:
         S = tl.zeros([BV, K], dtype=tl.float32)
     for i_t in range(n_chunks):
-        tl.store(states + (i_bh * n_chunks + i_t) * V * K + s_offs, S)
+        tl.store(states + (i_bh * n_chunks + i_t) * (C // SUB) * V * K + s_offs, S)
         tok = i_t * C + rows
         live = (tok < T)[:, None]
         pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
@@ -205,9 +205,11 @@ def _fwd_state(
 def _fwd_out(
     r, w, k, v, b, u, states, y,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
 ):  # fmt: skip
-    """y = R~ S_0^T + M_rb U + M_rk V for one chunk."""
+    """y = R~ S_0^T + M_rb U + M_rk V for one chunk; with SUB < C also the states at the starts of its SUB-token
+    sub-chunks, S_p = S_0 diag(e^{G_p}) + sum_{j<p} (u_j b_j^T + v_j k_j^T) diag(e^{G_p-G_j}), for the gradient
+    kernel."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -221,7 +223,8 @@ def _fwd_out(
     pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
     pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
     scratch = i_bh * n_chunks * C + tok[:, None]
-    S0 = tl.load(states + (i_bh * n_chunks + i_t) * V * K + cols_v[:, None] * K + cols_k[None, :])
+    p_state = (i_bh * n_chunks + i_t) * (C // SUB) * V * K + cols_v[:, None] * K + cols_k[None, :]
+    S0 = tl.load(states + p_state)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
@@ -235,6 +238,12 @@ def _fwd_out(
     out = _dot(rr * e_g, tl.trans(S0), PS)
     out += _dot(m_rb, U, PC) + _dot(m_rk, vv, PC)
     tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
+    G = tl.cumsum(ww, 0)
+    for m in tl.static_range(1, C // SUB):
+        g_p = tl.sum(tl.where(rows[:, None] == m * SUB - 1, G, 0.0), 0)
+        before = tl.where((rows < m * SUB)[:, None], tl.exp(g_p[None, :] - G), 0.0)
+        S_p = S0 * tl.exp(g_p)[None, :] + _dot(tl.trans(U), bb * before, PS) + _dot(tl.trans(vv), kk * before, PS)
+        tl.store(states + p_state + m * V * K, S_p)
 
 
 @triton.jit
@@ -275,7 +284,7 @@ def _bwd_prep(
 def _bwd_state(
     r, w, a, dy, p1, wb, dw_u, ds_final, dstates, ds0,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
 ):  # fmt: skip
     """dL/dS at each chunk end, walking back: dW = p1 + wb dS_C^T, dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~."""
     i_v = tl.program_id(0)
@@ -293,7 +302,7 @@ def _bwd_state(
         dS = tl.zeros([BV, K], dtype=tl.float32)
     for i_back in range(n_chunks):
         i_t = n_chunks - 1 - i_back
-        tl.store(dstates + (i_bh * n_chunks + i_t) * V * K + s_offs, dS)
+        tl.store(dstates + ((i_bh * n_chunks + i_t + 1) * (C // SUB) - 1) * V * K + s_offs, dS)
         tok = i_t * C + rows
         live = (tok < T)[:, None]
         pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
@@ -316,11 +325,49 @@ def _bwd_state(
 
 
 @triton.jit
+def _bwd_substates(
+    r, w, a, dy, dw_u, dstates,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr,
+):  # fmt: skip
+    """dL/dS at the ends of a chunk's SUB-token sub-chunks but the last (the walk stores that one): from boundary p,
+    dS_p = dS_C diag(e^{G_C-G_p}) + sum_{t>=p} dy_t r_t^T e^{G_t-G_p} + dW_t a_t^T e^{G_{t-1}-G_p}."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_chunks = tl.cdiv(T, C)
+    rows = tl.arange(0, C)
+    cols_k = tl.arange(0, K)
+    cols_v = tl.arange(0, V)
+    tok = i_t * C + rows
+    live = (tok < T)[:, None]
+    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
+    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
+    aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
+    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+    dW = tl.load(dw_u + (i_bh * n_chunks * C + tok[:, None]) * V + cols_v[None, :])
+    G = tl.cumsum(ww, 0)
+    g_end = tl.sum(ww, 0)
+    p_state = (i_bh * n_chunks + i_t) * (C // SUB) * V * K + cols_v[:, None] * K + cols_k[None, :]
+    dSC = tl.load(dstates + p_state + (C // SUB - 1) * V * K)
+    for m in tl.static_range(1, C // SUB):
+        g_p = tl.sum(tl.where(rows[:, None] == m * SUB - 1, G, 0.0), 0)
+        after = (rows >= m * SUB)[:, None]
+        r_p = tl.where(after, rr * tl.exp(G - g_p[None, :]), 0.0)
+        a_p = tl.where(after, aa * tl.exp(G - ww - g_p[None, :]), 0.0)
+        dS_p = dSC * tl.exp(g_end - g_p)[None, :] + _dot(tl.trans(do), r_p, PS) + _dot(tl.trans(dW), a_p, PS)
+        tl.store(dstates + p_state + (m - 1) * V * K, dS_p)
+
+
+@triton.jit
 def _bwd_chunk(
     r, w, k, v, a, b, dy, u, dw_u, states, dstates,
     dr, dw, dk, dv, da, db,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
+    C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
 ):  # fmt: skip
     """All input gradients of one chunk, from S_0, dS_C and the forward's U and the backward's dW.
 
@@ -328,12 +375,13 @@ def _bwd_chunk(
     are recomputed where they are used, dS_C and S_0 are loaded in turn, a few tiles are reloaded rather than kept,
     and the decay gradient is summed as it goes (a vector x scaled by e^{+-G} gives +-x dx to that G). With all
     tiles alive to the end it needed 8 warps and ran 1.8x slower (H100: 2.85 -> 1.61 ms at the 0.1B shape).
-    ROUND_ONCE (for "tf32r"): round every operand to tf32 once where it is made, and multiply with plain "tf32"."""
+    ROUND_ONCE (for "tf32r"): round every operand to tf32 once where it is made, and multiply with plain "tf32".
+    C tokens per program; the states and scratch are laid out by the walks' WALK-token chunks (C divides WALK)."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    n_chunks = tl.cdiv(T, C)
+    n_chunks = tl.cdiv(T, WALK) * (WALK // C)
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
@@ -459,30 +507,33 @@ def _seq_launch(cfg: KernelConfig) -> dict:
     return dict(num_warps=cfg.warps_seq) | ({} if cfg.stages_seq is None else dict(num_stages=cfg.stages_seq))
 
 
-def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig):
+def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig, for_grad: bool = True):
+    """y, the final state, and for the backward the state at the start of every grad_chunk-token sub-chunk and U.
+    for_grad False: states only at the chunk starts (the output needs no more)."""
     B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
     C = cfg.chunk
+    sub = cfg.grad_chunk if for_grad else C
     ps, pc, pi = cfg.precisions()
     f32 = dict(device=r.device, dtype=torch.float32)
     wa = torch.empty(B, H, n_chunks * C, K, **f32)
     uv = torch.empty(B, H, n_chunks * C, V, **f32)
     u = torch.empty(B, H, n_chunks * C, V, **f32)
-    states = torch.empty(B, H, n_chunks, V, K, **f32)
+    states = torch.empty(B, H, n_chunks * (C // sub), V, K, **f32)
     s_final = torch.empty(B, H, V, K, **f32)
     y = torch.empty_like(v, dtype=r.dtype)
     chunks = (n_chunks, B * H)
     _fwd_prep[chunks](w, k, v, a, b, wa, uv, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
     _fwd_state[(V // bv, B * H)](
         w, k, v, b, wa, uv, u, s0 if s0 is not None else s_final, states, s_final,
-        T, H, K, V, bv, C, ps, HAS_S0=s0 is not None, **_seq_launch(cfg),
+        T, H, K, V, bv, C, sub, ps, HAS_S0=s0 is not None, **_seq_launch(cfg),
     )  # fmt: skip
-    _fwd_out[chunks](r, w, k, v, b, u, states, y, T, H, K, V, C, ps, pc, num_warps=cfg.warps_chunk)
+    _fwd_out[chunks](r, w, k, v, b, u, states, y, T, H, K, V, C, sub, ps, pc, num_warps=cfg.warps_chunk)
     return y, s_final, states, u
 
 
 def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: KernelConfig):
     B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
-    C = cfg.chunk
+    C, sub = cfg.chunk, cfg.grad_chunk
     ps, pc, pi = cfg.precisions()
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
     p1 = torch.empty_like(u)
@@ -494,14 +545,16 @@ def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: Ke
     _bwd_prep[chunks](r, w, a, b, dy, p1, wb, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
     _bwd_state[(V // bv, B * H)](
         r, w, a, dy, p1, wb, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
-        T, H, K, V, bv, C, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **_seq_launch(cfg),
+        T, H, K, V, bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **_seq_launch(cfg),
     )  # fmt: skip
+    if sub < C:
+        _bwd_substates[chunks](r, w, a, dy, dw_u, dstates, T, H, K, V, C, sub, ps, num_warps=cfg.warps_chunk)
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     round_once = cfg.round_once and ps == pc == "tf32r"
     ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
-    _bwd_chunk[chunks](
+    _bwd_chunk[(triton.cdiv(T, sub), B * H)](
         r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads,
-        T, H, K, V, C, ps_c, pc_c, round_once, num_warps=cfg.warps_grad,
+        T, H, K, V, sub, C, ps_c, pc_c, round_once, num_warps=cfg.warps_grad,
     )  # fmt: skip
     return grads, (ds0 if want_ds0 else None)
 
@@ -540,10 +593,11 @@ def _wkv7_fwd_op(r, w, k, v, a, b, s0):
 def _(r, w, k, v, a, b, s0):
     B, T, H, K = r.shape
     V = v.shape[-1]
-    n = -(-T // DEFAULT_CONFIG.chunk)
+    C, sub = DEFAULT_CONFIG.chunk, DEFAULT_CONFIG.grad_chunk
+    n = -(-T // C)
     f32 = dict(device=r.device, dtype=torch.float32)
     return (v.new_empty(B, T, H, V, dtype=r.dtype), r.new_empty(B, H, V, K, **f32),
-            r.new_empty(B, H, n, V, K, **f32), r.new_empty(B, H, n * DEFAULT_CONFIG.chunk, V, **f32))
+            r.new_empty(B, H, n * (C // sub), V, K, **f32), r.new_empty(B, H, n * C, V, **f32))
 
 
 @torch.library.custom_op(
@@ -588,7 +642,8 @@ def _supported(r: torch.Tensor, v: torch.Tensor, cfg: KernelConfig) -> bool:
         return n >= 16 and n & (n - 1) == 0
 
     K, V = r.shape[-1], v.shape[-1]
-    return pow2_at_least_16(K) and pow2_at_least_16(V) and pow2_at_least_16(cfg.chunk) and K <= 128 and V <= 128
+    chunks = pow2_at_least_16(cfg.chunk) and pow2_at_least_16(cfg.grad_chunk) and cfg.grad_chunk <= cfg.chunk
+    return pow2_at_least_16(K) and pow2_at_least_16(V) and chunks and K <= 128 and V <= 128
 
 
 def wkv7_triton(
@@ -605,27 +660,23 @@ def wkv7_triton(
     """Same contract as `rwkvkit.ops.wkv7.wkv7`: [B, T, H, N] inputs, w = log decay, state [B, H, N_v, N_k] fp32.
 
     Returns y in r's dtype and the final state in float32; differentiable in all inputs and initial_state.
-    Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path. config None:
-    FORWARD_ONLY_CONFIG for a call that needs no gradient and has few walkers, else DEFAULT_CONFIG.
+    Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path. config None: DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
-    if config is None:
-        few = few_walkers(r.shape[0] * r.shape[2], v.shape[-1])
-        # under torch.compile only the default is a registered op (an opaque call in the graph)
-        eager = not torch.compiler.is_compiling()
-        config = FORWARD_ONLY_CONFIG if few and not wants_grad and eager else DEFAULT_CONFIG
+    config = DEFAULT_CONFIG if config is None else config
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv7 import wkv7
 
         return wkv7(r, w, k, v, a, b, initial_state, impl="chunked")
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     s0 = None if initial_state is None else initial_state.contiguous()
-    if config is DEFAULT_CONFIG:
+    # under torch.compile only the default config is a registered op (an opaque call in the graph)
+    if config is DEFAULT_CONFIG and (wants_grad or torch.compiler.is_compiling()):
         y, s_final, _, _ = _wkv7_fwd_op(r, w, k, v, a, b, s0)
         return y, s_final
     if wants_grad:
         return _WKV7.apply(r, w, k, v, a, b, s0, config)
-    y, s_final, _, _ = _forward(r, w, k, v, a, b, s0, config)
+    y, s_final, _, _ = _forward(r, w, k, v, a, b, s0, config, for_grad=False)
     return y, s_final
