@@ -48,8 +48,12 @@ def run(fn, inputs, state, dy, ds):
     return [y, s_final] + [x.grad for x in leaves] + ([] if s0 is None else [s0.grad])
 
 
-@pytest.mark.parametrize("T, with_state", [(37, True), (16, False), (5, True)])
-def test_matches_naive_float32(T, with_state, monkeypatch):
+@pytest.mark.parametrize(
+    "T, with_state, chunk, grad_chunk",
+    # walks of 32 or 64 tokens with a gradient kernel of 16 (states at the sub-chunk starts)
+    [(37, True, 16, 16), (16, False, 16, 16), (5, True, 16, 16), (45, True, 32, 16), (70, False, 64, 16)],
+)
+def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
     inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=T)
     state = state if with_state else None
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
@@ -59,7 +63,8 @@ def test_matches_naive_float32(T, with_state, monkeypatch):
     for name in ("empty", "empty_like"):
         alloc = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
-    got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=EXACT), inputs, state, dy, ds)
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk)
+    got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
     monkeypatch.undo()
     assert len(got) == len(want) == (8 if with_state else 7)
     for name, g, w in zip(NAMES, got, want):
@@ -90,3 +95,16 @@ def test_default_config_gradients_float32_within_tf32_rounding():
     want = run(wkv6_naive, inputs, state, dy, ds)
     for name, g, w in zip(NAMES, got, want):
         assert rel_err(g, w) < 3e-3, name
+
+
+def test_calls_without_gradients_walk_32_token_chunks(monkeypatch):
+    seen = []
+    forward = triton_chunk._forward
+    monkeypatch.setattr(triton_chunk, "_forward", lambda *args, **kw: seen.append(args[-1]) or forward(*args, **kw))
+    inputs, state = rwkv6_like_inputs(1, 45, 2, HEAD, seed=8)
+    with torch.no_grad():
+        y, s_final = triton_chunk.wkv6_triton(*inputs, state)
+    y_ref, s_ref = wkv6_naive(*inputs, state)
+    assert rel_err(y, y_ref) < 3e-3 and rel_err(s_final, s_ref) < 3e-3
+    triton_chunk.wkv6_triton(*[x.clone().requires_grad_() for x in inputs], state)
+    assert seen == [triton_chunk.FORWARD_ONLY_CONFIG, triton_chunk.DEFAULT_CONFIG]
