@@ -83,6 +83,18 @@ def _dot(x, y, PREC: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(i_t, i_bh, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, cols_v):
+    """For chunk i_t of batch row x head i_bh: its token positions, which of them exist (T need not be a multiple
+    of C), and the element offsets of its [C, K] tile and of its [C, cols_v] tile in [B, T, H, N] tensors."""
+    i_b = i_bh // H
+    i_h = i_bh % H
+    tok = i_t * C + tl.arange(0, C)
+    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + tl.arange(0, K)[None, :]
+    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    return tok, (tok < T)[:, None], pk, pv
+
+
+@triton.jit
 def _decay_factors(ww, C: tl.constexpr):
     """Exponentials of the in-chunk cumulative log decay, split around the middle token (see module doc)."""
     rows = tl.arange(0, C)
@@ -132,15 +144,9 @@ def _fwd_prep(
     """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok = i_t * C + rows
-    live = (tok < T)[:, None]
-    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
-    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
     scratch = i_bh * tl.cdiv(T, C) * C + tok[:, None]
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
@@ -166,10 +172,7 @@ def _fwd_state(
     """The sequential part: walk the chunks, U = uv + wa S_0^T, S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     n_chunks = tl.cdiv(T, C)
-    rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_v[:, None] * K + cols_k[None, :]
@@ -179,10 +182,7 @@ def _fwd_state(
         S = tl.zeros([BV, K], dtype=tl.float32)
     for i_t in range(n_chunks):
         tl.store(states + (i_bh * n_chunks + i_t) * (C // SUB) * V * K + s_offs, S)
-        tok = i_t * C + rows
-        live = (tok < T)[:, None]
-        pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
-        pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+        tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
         scratch = i_bh * n_chunks * C + tok[:, None]
         ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
         kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
@@ -212,16 +212,11 @@ def _fwd_out(
     kernel."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     n_chunks = tl.cdiv(T, C)
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok = i_t * C + rows
-    live = (tok < T)[:, None]
-    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
-    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
     scratch = i_bh * n_chunks * C + tok[:, None]
     p_state = (i_bh * n_chunks + i_t) * (C // SUB) * V * K + cols_v[:, None] * K + cols_k[None, :]
     S0 = tl.load(states + p_state)
@@ -255,15 +250,9 @@ def _bwd_prep(
     """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok = i_t * C + rows
-    live = (tok < T)[:, None]
-    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
-    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
     scratch = i_bh * tl.cdiv(T, C) * C + tok[:, None]
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
@@ -289,10 +278,7 @@ def _bwd_state(
     """dL/dS at each chunk end, walking back: dW = p1 + wb dS_C^T, dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     n_chunks = tl.cdiv(T, C)
-    rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_v[:, None] * K + cols_k[None, :]
@@ -303,10 +289,7 @@ def _bwd_state(
     for i_back in range(n_chunks):
         i_t = n_chunks - 1 - i_back
         tl.store(dstates + ((i_bh * n_chunks + i_t + 1) * (C // SUB) - 1) * V * K + s_offs, dS)
-        tok = i_t * C + rows
-        live = (tok < T)[:, None]
-        pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
-        pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+        tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
         scratch = i_bh * n_chunks * C + tok[:, None]
         rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
         ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
@@ -334,16 +317,11 @@ def _bwd_substates(
     dS_p = dS_C diag(e^{G_C-G_p}) + sum_{t>=p} dy_t r_t^T e^{G_t-G_p} + dW_t a_t^T e^{G_{t-1}-G_p}."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     n_chunks = tl.cdiv(T, C)
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok = i_t * C + rows
-    live = (tok < T)[:, None]
-    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
-    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
@@ -379,16 +357,11 @@ def _bwd_chunk(
     C tokens per program; the states and scratch are laid out by the walks' WALK-token chunks (C divides WALK)."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     n_chunks = tl.cdiv(T, WALK) * (WALK // C)
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok = i_t * C + rows
-    live = (tok < T)[:, None]
-    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + cols_k[None, :]
-    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
     scratch = (i_bh * n_chunks * C + tok[:, None]) * V + cols_v[None, :]
     p_state = (i_bh * n_chunks + i_t) * V * K + cols_v[:, None] * K + cols_k[None, :]
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
