@@ -27,7 +27,11 @@ DEFAULT_CONFIG = KernelConfig()
 # Calls that want no gradient walk 32-token chunks: H100, B8 / B4 T4096: forward 0.71 -> 0.51 ms, 0.80 -> 0.57 ms.
 # With gradients 16 stays: 32-token walks plus 16-token gradient sub-chunks measured 2.21 / 2.72 against
 # 2.22 / 2.61 ms (the walks are cheap here; the sub-chunk states cost what they save).
+# The split around the middle token holds while the log decay summed over half a chunk stays above about -80: at
+# 32 tokens that is -5 per token, which a strongly decaying RWKV-5/6 channel can pass, so those inputs keep 16
+# (-10 per token; below that the Triton path overflows: use impl="chunked", which has no such limit).
 FORWARD_ONLY_CONFIG = KernelConfig(chunk=32)
+FORWARD_ONLY_MIN_LOG_DECAY = -80.0 / 16
 
 
 @triton.jit
@@ -333,13 +337,17 @@ def wkv6_triton(
     """Same contract as `rwkvkit.ops.wkv6.wkv6`: [B, T, H, N] inputs, w = log decay, u [H, N_k],
     state [B, H, N_k, N_v] float32. Returns y in r's dtype and the final state in float32; differentiable in all
     inputs and initial_state. Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
-    config None: DEFAULT_CONFIG for a call that wants gradients, FORWARD_ONLY_CONFIG for one that does not.
+    config None: FORWARD_ONLY_CONFIG for a call that wants no gradient and whose log decays are all at least
+    FORWARD_ONLY_MIN_LOG_DECAY, else DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
     tensors = (r, w, k, v, u) + (() if initial_state is None else (initial_state,))
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if config is None:
-        config = DEFAULT_CONFIG if wants_grad else FORWARD_ONLY_CONFIG
+        # the decay check syncs with the GPU: only for calls without gradients (prefill), never inside a capture
+        long_walks = not wants_grad and not (r.is_cuda and torch.cuda.is_current_stream_capturing())
+        long_walks = long_walks and w.amin().item() >= FORWARD_ONLY_MIN_LOG_DECAY
+        config = FORWARD_ONLY_CONFIG if long_walks else DEFAULT_CONFIG
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv6 import wkv6
 
