@@ -14,17 +14,20 @@ products, so a chunk costs a handful of tl.dot calls and only the chunk-to-chunk
 
 The pair exponent e^{G_t - G_j} is split as e^{G_t - G_m} e^{G_m - G_j} around the chunk's middle token m, so the
 factors stay finite while the log decay summed over half a chunk stays above about -80 (RWKV-7 models have
-w >= -e^{-0.5} per token, i.e. -5 per half chunk of 16). Loads, exponentials and accumulation are float32; by
+w >= -e^{-0.5} per token, i.e. above -10 over the 16 tokens of half a 32-token chunk). Loads, exponentials and accumulation are float32; by
 default the products run on tensor cores with operands rounded to tf32 (KernelConfig says how to change that).
 
 Kernels, "chunk-parallel" ones with one program per (chunk, batch*head), "sequential" ones with one program per
 (value block, batch*head) walking the chunks with the state in registers:
   _fwd_prep  (chunk-parallel) the state-free parts of U: wa = solve A~ and uv = solve M_ak V
   _fwd_state (sequential)     U = uv + wa S_0^T and the next state; keeps every chunk's S_0 and U for later
-  _fwd_out   (chunk-parallel) y from S_0, U and the in-chunk pairs
+  _fwd_out   (chunk-parallel) y from S_0, U and the in-chunk pairs; the states at the gradient sub-chunk starts
   _bwd_prep  (chunk-parallel) the state-free parts of dW = solve^T dU
   _bwd_state (sequential)     dW and dL/dS at every chunk end (and dL/dS_0 for initial_state), walking back
-  _bwd_chunk (chunk-parallel) all input gradients of a chunk from S_0, dS_C, U and dW
+  _bwd_substates (chunk-parallel) dL/dS at the sub-chunk ends inside each chunk
+  _bwd_chunk (chunk-parallel) all input gradients of a sub-chunk from its S_0, dS_C, U and dW
+The gradient kernel works on sub-chunks (`grad_chunk`, 16 tokens) of the walks' chunks (`chunk`, 32): u_t and its
+gradient dW_t do not depend on the chunking, so only the states at the sub-chunk boundaries are needed extra.
 Padding tokens past T load as zeros (w = 0: decay 1, no update), so a partial last chunk needs no special case.
 """
 
