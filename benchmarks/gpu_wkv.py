@@ -241,7 +241,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", default="wkv7", choices=["wkv7", "wkv6", "wkv4"])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--variants", nargs="*", default=None, help="names from VARIANTS, or 'all' (default: the op's default)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="names from VARIANTS, or 'all' (default: the op's default config)")
     p.add_argument("--fla", action="store_true", help="add fla's chunk_rwkv7 (its first call autotunes for minutes)")
     p.add_argument("--peer", default=None, metavar="FILE",
                    help="a Python file whose peer_fns(op) returns more {name: fn} to time beside ours (peers whose "

@@ -14,8 +14,9 @@ products, so a chunk costs a handful of tl.dot calls and only the chunk-to-chunk
 
 The pair exponent e^{G_t - G_j} is split as e^{G_t - G_m} e^{G_m - G_j} around the chunk's middle token m, so the
 factors stay finite while the log decay summed over half a chunk stays above about -80 (RWKV-7 models have
-w >= -e^{-0.5} per token, i.e. above -10 over the 16 tokens of half a 32-token chunk). Loads, exponentials and accumulation are float32; by
-default the products run on tensor cores with operands rounded to tf32 (KernelConfig says how to change that).
+w >= -e^{-0.5} per token, i.e. above -10 over the 16 tokens of half a 32-token chunk). Loads, exponentials and
+accumulation are float32; by default the products run on tensor cores with operands rounded to tf32 (KernelConfig
+says how to change that).
 
 Kernels, "chunk-parallel" ones with one program per (chunk, batch*head), "sequential" ones with one program per
 (value block, batch*head) walking the chunks with the state in registers:
@@ -55,7 +56,7 @@ class KernelConfig(NamedTuple):
     block_v: int | None = None  # value rows per program in the sequential walks (None: ops.walk_block_v's rule)
     warps_seq: int = 4
     warps_chunk: int = 4
-    warps_grad: int = 4  # _bwd_chunk (WKV7 and WKV6)
+    warps_grad: int = 4  # _bwd_chunk, WKV7 and WKV6 (two programs per SM; 8 warps measured 1.2-1.6x slower)
     round_once: bool = True  # tf32r in the gradient kernel: round each operand once, not in every product
     stages_seq: int | None = None  # WKV7 walks' pipelining stages (None: Triton's; 1-4 measured alike, H100)
 
