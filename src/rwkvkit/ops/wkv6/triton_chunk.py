@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from rwkvkit.ops import check_triton_device
-from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _round_to_tf32, _shapes, _tile_offsets
+from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _round_to_tf32, _row, _shapes, _supported, _tile_offsets
 
 DEFAULT_CONFIG = KernelConfig()
 # Calls that want no gradient walk 32-token chunks: H100, B8 / B4 T4096: forward 0.71 -> 0.51 ms, 0.80 -> 0.57 ms.
@@ -36,11 +36,10 @@ FORWARD_ONLY_MIN_LOG_DECAY = -80.0 / 16
 
 @triton.jit
 def _decay_factors(ww, C: tl.constexpr):
-    rows = tl.arange(0, C)
     G = tl.cumsum(ww, 0)
     Gp = G - ww
     Gend = tl.sum(ww, 0)
-    Gm = tl.sum(tl.where(rows[:, None] == C // 2, G, 0.0), 0)
+    Gm = _row(G, C // 2, C)
     e_gp = tl.exp(Gp)  # r side, against S_0
     e_gp_m = tl.exp(Gp - Gm[None, :])  # r side, in-chunk pairs
     e_m_g = tl.exp(Gm[None, :] - G)  # k side, in-chunk pairs
@@ -79,12 +78,13 @@ def _fwd_state(
 
 
 @triton.jit
-def _pairs(rr, kk, uu, e_gp_m, e_m_g, C: tl.constexpr, PC: tl.constexpr):
-    """M[t, j] = <r_t e^{G_{t-1}-G_j}, k_j> below the diagonal, <r_t, u k_t> on it."""
+def _pairs(r_in, k_in, rr, kk, uu, C: tl.constexpr, PC: tl.constexpr):
+    """M[t, j] = <r_t e^{G_{t-1}-G_j}, k_j> below the diagonal (from r_in, k_in, the two sides of the split
+    exponent), <r_t, u k_t> on it."""
     rows = tl.arange(0, C)
     strict = rows[:, None] > rows[None, :]
     diag = tl.sum(rr * uu[None, :] * kk, 1)
-    m = tl.where(strict, _dot(rr * e_gp_m, tl.trans(kk * e_m_g), PC), 0.0)
+    m = tl.where(strict, _dot(r_in, tl.trans(k_in), PC), 0.0)
     return m + tl.where(rows[:, None] == rows[None, :], diag[:, None], 0.0)
 
 
@@ -112,12 +112,12 @@ def _fwd_out(
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
     e_gp, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
-    m = _pairs(rr, kk, uu, e_gp_m, e_m_g, C, PC)
+    m = _pairs(rr * e_gp_m, kk * e_m_g, rr, kk, uu, C, PC)
     out = _dot(rr * e_gp, S0, PS) + _dot(m, vv, PC)
     tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
     G = tl.cumsum(ww, 0)
     for i_sub in tl.static_range(1, C // SUB):
-        g_p = tl.sum(tl.where(rows[:, None] == i_sub * SUB - 1, G, 0.0), 0)
+        g_p = _row(G, i_sub * SUB - 1, C)
         k_p = tl.where((rows < i_sub * SUB)[:, None], kk * tl.exp(g_p[None, :] - G), 0.0)
         tl.store(states + p_state + i_sub * K * V, S0 * tl.exp(g_p)[:, None] + _dot(tl.trans(k_p), vv, PS))
 
@@ -175,7 +175,7 @@ def _bwd_substates(
     p_state = (i_bh * n_chunks + i_t) * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
     dSC = tl.load(dstates + p_state + (C // SUB - 1) * K * V)
     for i_sub in tl.static_range(1, C // SUB):
-        g_p = tl.sum(tl.where(rows[:, None] == i_sub * SUB - 1, G, 0.0), 0)
+        g_p = _row(G, i_sub * SUB - 1, C)
         r_p = tl.where((rows >= i_sub * SUB)[:, None], rr * tl.exp(G - ww - g_p[None, :]), 0.0)
         dS_p = dSC * tl.exp(g_end - g_p)[:, None] + _dot(tl.trans(r_p), do, PS)
         tl.store(dstates + p_state + (i_sub - 1) * K * V, dS_p)
@@ -203,7 +203,7 @@ def _bwd_chunk(
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
     g_end = tl.sum(ww, 0)
-    g_mid = tl.sum(tl.where(rows[:, None] == C // 2, G, 0.0), 0)
+    g_mid = _row(G, C // 2, C)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
     uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
@@ -220,8 +220,7 @@ def _bwd_chunk(
         do = _round_to_tf32(do)
     strict = rows[:, None] > rows[None, :]
     on_diag = rows[:, None] == rows[None, :]
-    bonus = tl.sum(rr * uu[None, :] * kk, 1)  # <r_t, u k_t>
-    m = tl.where(strict, _dot(r_in, tl.trans(k_in), PC), 0.0) + tl.where(on_diag, bonus[:, None], 0.0)
+    m = _pairs(r_in, k_in, rr, kk, uu, C, PC)
     d_m = _dot(do, tl.trans(vv), PC)
     d_bonus = tl.sum(tl.where(on_diag, d_m, 0.0), 1)[:, None]
     d_m = tl.where(strict, d_m, 0.0)
@@ -312,15 +311,6 @@ class _WKV6(torch.autograd.Function):
         du = du_parts.sum((0, 2)).to(u.dtype)
         ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
         return (*grads, du, ds0, None)
-
-
-def _supported(r: torch.Tensor, v: torch.Tensor, cfg: KernelConfig) -> bool:
-    def pow2_at_least_16(n: int) -> bool:
-        return n >= 16 and n & (n - 1) == 0
-
-    K, V = r.shape[-1], v.shape[-1]
-    chunks = pow2_at_least_16(cfg.chunk) and pow2_at_least_16(cfg.grad_chunk) and cfg.grad_chunk <= cfg.chunk
-    return pow2_at_least_16(K) and pow2_at_least_16(V) and chunks and K <= 128 and V <= 128
 
 
 @torch.compiler.disable  # one opaque call for torch.compile (it cannot trace the launch wrappers)

@@ -99,13 +99,18 @@ def _tile_offsets(i_t, i_bh, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexp
 
 
 @triton.jit
+def _row(x, i, C: tl.constexpr):
+    """Row i of a [C, N] tile, as an [N] vector (the cumulative decay at one token)."""
+    return tl.sum(tl.where(tl.arange(0, C)[:, None] == i, x, 0.0), 0)
+
+
+@triton.jit
 def _decay_factors(ww, C: tl.constexpr):
     """Exponentials of the in-chunk cumulative log decay, split around the middle token (see module doc)."""
-    rows = tl.arange(0, C)
     G = tl.cumsum(ww, 0)  # G_t, inclusive
     Gp = G - ww  # G_{t-1}
     Gend = tl.sum(ww, 0)  # G_C, [K]
-    Gm = tl.sum(tl.where(rows[:, None] == C // 2, G, 0.0), 0)
+    Gm = _row(G, C // 2, C)
     e_g = tl.exp(G)  # r side, against S_0
     e_gp = tl.exp(Gp)  # a side, against S_0
     e_g_m = tl.exp(G - Gm[None, :])  # r side, in-chunk pairs
@@ -239,7 +244,7 @@ def _fwd_out(
     tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
     G = tl.cumsum(ww, 0)
     for m in tl.static_range(1, C // SUB):
-        g_p = tl.sum(tl.where(rows[:, None] == m * SUB - 1, G, 0.0), 0)
+        g_p = _row(G, m * SUB - 1, C)
         before = tl.where((rows < m * SUB)[:, None], tl.exp(g_p[None, :] - G), 0.0)
         S_p = S0 * tl.exp(g_p)[None, :] + _dot(tl.trans(U), bb * before, PS) + _dot(tl.trans(vv), kk * before, PS)
         tl.store(states + p_state + m * V * K, S_p)
@@ -336,7 +341,7 @@ def _bwd_substates(
     p_state = (i_bh * n_chunks + i_t) * (C // SUB) * V * K + cols_v[:, None] * K + cols_k[None, :]
     dSC = tl.load(dstates + p_state + (C // SUB - 1) * V * K)
     for m in tl.static_range(1, C // SUB):
-        g_p = tl.sum(tl.where(rows[:, None] == m * SUB - 1, G, 0.0), 0)
+        g_p = _row(G, m * SUB - 1, C)
         after = (rows >= m * SUB)[:, None]
         r_p = tl.where(after, rr * tl.exp(G - g_p[None, :]), 0.0)
         a_p = tl.where(after, aa * tl.exp(G - ww - g_p[None, :]), 0.0)
@@ -371,7 +376,7 @@ def _bwd_chunk(
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
     g_end = tl.sum(ww, 0)
-    g_mid = tl.sum(tl.where(rows[:, None] == C // 2, G, 0.0), 0)
+    g_mid = _row(G, C // 2, C)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
