@@ -75,17 +75,11 @@ def require_triton_kernel(op: str, module: str = "triton_chunk", name: str | Non
     return kernel
 
 
-def few_walkers(batch_heads: int, V: int) -> bool:
-    """Whether (batch x heads) is too small to fill the GPU with 32-row programs of a sequential chunk walk
-    (WKV6/WKV7; batch-1 prefill), each of which walks all T tokens alone: then the walk dominates the op."""
-    return batch_heads * V // 32 < 128
-
-
 def walk_block_v(batch_heads: int, V: int, requested: int | None) -> int:
-    """Value rows per program of a sequential chunk walk: 32, or 16 where there are `few_walkers` (twice the
-    programs)."""
+    """Value rows per program of a sequential chunk walk (WKV6/WKV7): 32, or 16 when (batch x heads) is too small
+    to fill the GPU with 32-row programs (batch-1 prefill), since each program walks all T tokens alone."""
     if requested is None:
-        requested = 16 if few_walkers(batch_heads, V) else 32
+        requested = 32 if batch_heads * V // 32 >= 128 else 16
     return min(requested, V)
 
 
