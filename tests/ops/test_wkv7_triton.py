@@ -202,3 +202,13 @@ def test_model_compiles_without_graph_breaks_and_keeps_gradients(monkeypatch):
     assert abs(loss_compiled - loss_eager) < 1e-2
     for g, g0 in zip(grads_compiled, grads_eager):  # (measured: worst 4.6e-3) some are exactly zero at init
         assert (g - g0).norm() <= 2e-2 * g0.norm() + 1e-6
+
+
+@pytest.mark.parametrize("chunk, grad_chunk", [(32, 64), (24, 16), (32, 8)])
+def test_a_config_the_kernels_cannot_run_is_named(chunk, grad_chunk):
+    from rwkvkit.errors import ConfigError
+
+    inputs, state = rwkv7_like_inputs(1, 20, 2, HEAD, torch.float32, seed=9)
+    cfg = triton_chunk.KernelConfig(chunk=chunk, grad_chunk=grad_chunk)
+    with pytest.raises(ConfigError, match=f"chunk={chunk} grad_chunk={grad_chunk}"):
+        triton_chunk.wkv7_triton(*inputs, state, config=cfg)

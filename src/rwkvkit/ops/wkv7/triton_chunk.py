@@ -619,13 +619,20 @@ def _op_backward(ctx, dy, ds_final, _d_states, _d_u):
 _wkv7_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-def _supported(r: torch.Tensor, v: torch.Tensor, cfg: KernelConfig) -> bool:
-    def pow2_at_least_16(n: int) -> bool:
-        return n >= 16 and n & (n - 1) == 0
+def _pow2_at_least_16(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
 
+
+def _supported(r: torch.Tensor, v: torch.Tensor, cfg: KernelConfig) -> bool:
+    """Whether the kernels take these head sizes (else the PyTorch path does); a config they cannot run is an error,
+    not a quiet fallback (WKV7 and WKV6)."""
+    if not (_pow2_at_least_16(cfg.chunk) and _pow2_at_least_16(cfg.grad_chunk) and cfg.grad_chunk <= cfg.chunk):
+        from rwkvkit.errors import ConfigError
+
+        raise ConfigError(f"KernelConfig needs chunk and grad_chunk powers of two >= 16 with grad_chunk <= chunk, "
+                          f"got chunk={cfg.chunk} grad_chunk={cfg.grad_chunk}")
     K, V = r.shape[-1], v.shape[-1]
-    chunks = pow2_at_least_16(cfg.chunk) and pow2_at_least_16(cfg.grad_chunk) and cfg.grad_chunk <= cfg.chunk
-    return pow2_at_least_16(K) and pow2_at_least_16(V) and chunks and K <= 128 and V <= 128
+    return _pow2_at_least_16(K) and _pow2_at_least_16(V) and K <= 128 and V <= 128
 
 
 def wkv7_triton(
