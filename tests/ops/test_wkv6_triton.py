@@ -73,6 +73,33 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
         assert rel_err(g, w) < 2e-5, name
 
 
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_log_decays_below_the_floor_are_floored_not_overflowed(chunk, monkeypatch):
+    """RWKV-6's w = -exp(time_decay + lora) is unbounded below (here down to about -1e5): the split pair factors
+    would overflow, so the kernels floor w at log_decay_floor(chunk) (-8 at 16): the floored recurrence exactly,
+    and at 16 within bf16 rounding of the true one."""
+    T = 37
+    inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=11)
+    inputs[1] = -torch.exp(torch.randn(inputs[1].shape, generator=torch.Generator().manual_seed(3)) * 5).to(DEVICE)
+    floor = triton_chunk.log_decay_floor(chunk)
+    assert (inputs[1] < floor).float().mean() > 0.3
+    dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
+    for name in ("empty", "empty_like"):
+        alloc = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=16)
+    got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
+    monkeypatch.undo()
+    floored = run(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x), inputs, state, dy, ds)
+    true = run(wkv6_naive, inputs, state, dy, ds)
+    for name, g, f, t in zip(NAMES, got, floored, true):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, f) < 2e-5, name
+        if chunk == 16:
+            assert rel_err(g, t) < 1e-3, name
+
+
 def test_default_config_bf16():
     """bf16 in, bf16 out, float32 state; the default (tf32-rounded tensor-core products) is close to the loop."""
     inputs, state = rwkv6_like_inputs(1, 29, 2, HEAD, seed=5)

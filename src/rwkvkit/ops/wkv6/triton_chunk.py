@@ -27,11 +27,28 @@ DEFAULT_CONFIG = KernelConfig()
 # Calls that want no gradient walk 32-token chunks: H100, B8 / B4 T4096: forward 0.71 -> 0.51 ms, 0.80 -> 0.57 ms.
 # With gradients 16 stays: 32-token walks plus 16-token gradient sub-chunks measured 2.21 / 2.72 against
 # 2.22 / 2.61 ms (the walks are cheap here; the sub-chunk states cost what they save).
-# The split around the middle token holds while the log decay summed over half a chunk stays above about -80: at
-# 32 tokens that is -5 per token, which a strongly decaying RWKV-5/6 channel can pass, so those inputs keep 16
-# (-10 per token; below that the Triton path overflows: use impl="chunked", which has no such limit).
 FORWARD_ONLY_CONFIG = KernelConfig(chunk=32)
-FORWARD_ONLY_MIN_LOG_DECAY = -80.0 / 16
+
+
+def log_decay_floor(chunk: int) -> float:
+    """The lowest log decay the kernels use with `chunk`-token walks; lower ones are taken as this value.
+
+    The in-chunk pair factors e^{G_{t-1}-G_mid} and e^{G_mid-G_j} span up to chunk // 2 + 1 tokens, and e^72 leaves
+    float32 room for the inputs' own size. At 16 tokens the floor is -8: such a channel keeps less than 3.4e-4 of
+    its state per token, a change below bf16 rounding; its decay gradient there is 0, as for a clamp.
+    """
+    return -72.0 / (chunk // 2 + 1)
+
+
+# No-grad calls walk 32 tokens only where that floor (-4.2) would change nothing: a strongly decaying RWKV-5/6
+# channel keeps them at 16.
+FORWARD_ONLY_MIN_LOG_DECAY = log_decay_floor(FORWARD_ONLY_CONFIG.chunk)
+
+
+@triton.jit
+def _load_log_decay(w, pk, live, WALK: tl.constexpr):
+    """A chunk's log decays, floored at log_decay_floor(WALK)."""
+    return tl.maximum(tl.load(w + pk, mask=live, other=0.0).to(tl.float32), -72.0 / (WALK // 2 + 1))
 
 
 @triton.jit
@@ -68,7 +85,7 @@ def _fwd_state(
     for i_t in range(n_chunks):
         tl.store(states + (i_bh * n_chunks + i_t) * (C // SUB) * K * V + s_offs, S)
         tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-        ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+        ww = _load_log_decay(w, pk, live, C)
         kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
         vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
         g_end = tl.sum(ww, 0)
@@ -107,7 +124,7 @@ def _fwd_out(
     p_state = (i_bh * n_chunks + i_t) * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
     S0 = tl.load(states + p_state)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
-    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    ww = _load_log_decay(w, pk, live, C)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
@@ -144,7 +161,7 @@ def _bwd_state(
         tl.store(dstates + ((i_bh * n_chunks + i_t + 1) * (C // SUB) - 1) * K * V + s_offs, dS)
         tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
         rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
-        ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+        ww = _load_log_decay(w, pk, live, C)
         do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
         r_s = rr * tl.exp(tl.cumsum(ww, 0) - ww)
         dS = dS * tl.exp(tl.sum(ww, 0))[:, None] + _dot(tl.trans(r_s), do, PS)
@@ -167,7 +184,7 @@ def _bwd_substates(
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
     tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    ww = _load_log_decay(w, pk, live, C)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
     G = tl.cumsum(ww, 0)
@@ -200,7 +217,7 @@ def _bwd_chunk(
     cols_v = tl.arange(0, V)
     tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
     p_state = (i_bh * n_chunks + i_t) * K * V + cols_k[:, None] * V + cols_v[None, :]
-    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
+    ww = _load_log_decay(w, pk, live, WALK)
     G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
     g_end = tl.sum(ww, 0)
     g_mid = _row(G, C // 2, C)
@@ -252,7 +269,8 @@ def _bwd_chunk(
     d_gend += tl.sum(tl.load(dstates + p_state) * tl.load(states + p_state), 1) * tl.exp(g_end)
     # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C
     d_w = tl.cumsum(d_gcur, 0, reverse=True) + tl.cumsum(d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
-    tl.store(dw + pk, d_w.to(dw.dtype.element_ty), mask=live)
+    floored = tl.load(w + pk, mask=live, other=0.0).to(tl.float32) < ww
+    tl.store(dw + pk, tl.where(floored, 0.0, d_w).to(dw.dtype.element_ty), mask=live)
 
 
 def _forward(r, w, k, v, u, s0, cfg: KernelConfig, for_grad: bool = True):
@@ -327,6 +345,7 @@ def wkv6_triton(
     """Same contract as `rwkvkit.ops.wkv6.wkv6`: [B, T, H, N] inputs, w = log decay, u [H, N_k],
     state [B, H, N_k, N_v] float32. Returns y in r's dtype and the final state in float32; differentiable in all
     inputs and initial_state. Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
+    Log decays below log_decay_floor(config.chunk) (-8 for the default) are taken as that floor.
     config None: FORWARD_ONLY_CONFIG for a call that wants no gradient and whose log decays are all at least
     FORWARD_ONLY_MIN_LOG_DECAY, else DEFAULT_CONFIG.
     """
