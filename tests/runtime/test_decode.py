@@ -151,6 +151,28 @@ def test_cuda_graph_matches_eager(official_models, version, compile):
 
 @pytest.mark.gpu
 @torch.no_grad()
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cuda_graph_prefill_in_pieces_matches_eager(official_models, version):
+    """Prompts of 256 + 128 + 37 tokens: two recorded pieces and an eager remainder, from a given state, into rows
+    1 and 2 of 3; a second prompt replays the same graphs. Then a prompt of whole pieces only."""
+    from rwkvkit.runtime.decode import PREFILL_PIECES
+
+    assert PREFILL_PIECES[-2:] == (256, 128)
+    model = _copy(official_models[version], torch.float32)
+    _, start = model(token_ids(2, 10, seed=11).cuda())
+    eager = Decoder(model, batch_size=3, cuda_graph=False, compile=False)
+    fast = Decoder(model, batch_size=3, cuda_graph=True, compile=False, fused=False)
+    for seed, T in ((12, 421), (13, 421), (14, 384)):
+        ids = token_ids(2, T, seed=seed).cuda()
+        _close(fast.prefill(ids, start, rows=[1, 2]), eager.prefill(ids, start, rows=[1, 2]), tol=1e-3)
+        for name in ("att_x", "wkv", "ffn_x"):
+            _close(getattr(fast.state, name), getattr(eager.state, name), tol=1e-3)
+    assert sorted(fast._prefills[2].graphs) == [128, 256]
+    _close(fast.step([1, 2, 3]), eager.step([1, 2, 3]), tol=1e-3)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
 @pytest.mark.parametrize("fused", [True, False])
 def test_cuda_fp16_graph_decode_tracks_fp32(official_models, fused):
     ref_model = _copy(official_models["7"], torch.float32)

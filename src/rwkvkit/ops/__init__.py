@@ -12,7 +12,9 @@ then give the function).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import threading
 import warnings
 
 
@@ -81,6 +83,28 @@ def walk_block_v(batch_heads: int, V: int, requested: int | None) -> int:
     if requested is None:
         requested = 32 if batch_heads * V // 32 >= 128 else 16
     return min(requested, V)
+
+
+_SYNCS = threading.local()
+
+
+@contextlib.contextmanager
+def without_device_syncs():
+    """Inside, no op makes a choice that waits for the GPU (WKV6's decay check for its 32-token walks). For what a
+    CUDA graph records, and for the warm-up runs before recording, which must take the same kernels."""
+    before = getattr(_SYNCS, "off", False)
+    _SYNCS.off = True
+    try:
+        yield
+    finally:
+        _SYNCS.off = before
+
+
+def device_sync_allowed(x) -> bool:
+    """Whether an op may wait for the GPU on x's behalf: not while a CUDA graph records, not in without_device_syncs."""
+    import torch
+
+    return not getattr(_SYNCS, "off", False) and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check_triton_device(x, kernel: str, fallback: str) -> None:

@@ -18,6 +18,12 @@ is set by launch overhead, not by the weights it reads. The decoder removes that
 - fused step (RWKV-7, batch <= FUSED_MAX_BATCH): five Triton kernels per layer that each stream their weights
   once (`rwkvkit.ops.v7_step`), in place of the compiled layers; no compile step at start-up.
 
+Prefill (GPT mode) has the same problem on a smaller scale: eager, a 0.1B model's 4096-token prefill spends twice
+its GPU time launching kernels. With CUDA graphs on, `prefill` runs prompts as pieces of PREFILL_PIECES tokens,
+each piece length a graph recorded on first use (per number of rows) that carries the state in static buffers;
+a remainder shorter than the smallest piece runs eagerly. The graphs share one memory pool, as large as the
+largest piece's activations.
+
 Otherwise the step runs the model's own code (`RWKVModel.run_unchecked`), so its results equal `model(ids, state)`
 token by token and only compiling changes the rounding; the fused step follows that code to rounding
 (tests/runtime/test_fused_step.py).
@@ -29,10 +35,14 @@ import torch
 
 from rwkvkit.errors import ConfigError, TokenizerError
 from rwkvkit.models.common import RWKVModel, State, check_token_ids
+from rwkvkit.ops import without_device_syncs
 
 # Up to this many streams the fused RWKV-7 step is the "auto" choice: it re-reads each weight once per stream
 # (from L2), while the compiled layers' matrix products share one read across the batch.
 FUSED_MAX_BATCH = 4
+
+# Prompt pieces for graph prefill, longest first (a greedy split). The smallest is the kernels' KERNEL_MIN_T.
+PREFILL_PIECES = (2048, 1024, 512, 256, 128)
 
 # Steps run before capture: the first runs compile / load kernels and pick cuBLAS algorithms, none of which may
 # happen while recording.
@@ -80,6 +90,7 @@ class Decoder:
         self._run_block = self._compiled_layers() if self.use_compile else None
         self._graph = None
         self._graph_logits = None
+        self._prefills: dict[int, _PiecePrefill] = {}  # by number of rows
 
     # ---------------------------------------------------------------- state of the streams
 
@@ -118,13 +129,21 @@ class Decoder:
         of ids / 1-D tensor for one row. Starts from `state` ([R] rows) or the empty state, not from what the
         rows held. Returns the logits after the last prompt token, [R, V]."""
         index = self._rows(rows)
-        hidden, new_state = self.model.hidden(ids, state)
-        if hidden.dim() == 2:  # a single sequence
-            hidden = hidden.unsqueeze(0)
-        if hidden.shape[0] != len(index):
-            raise ConfigError(f"prefill got {hidden.shape[0]} sequences for {len(index)} rows")
+        idx, _ = self.model._as_batch(ids)
+        if idx.shape[0] != len(index):
+            raise ConfigError(f"prefill got {idx.shape[0]} sequences for {len(index)} rows")
+        if state is not None:
+            self.model._check_state(state, len(index))
+        if self.use_graph and idx.shape[1] >= PREFILL_PIECES[-1]:
+            if len(index) not in self._prefills:
+                pool = next(iter(self._prefills.values())).pool if self._prefills else torch.cuda.graph_pool_handle()
+                self._prefills[len(index)] = _PiecePrefill(self.model, len(index), pool)
+            logits, new_state = self._prefills[len(index)](idx, state)
+        else:
+            hidden, new_state = self.model.run_unchecked(idx, state)
+            logits = self.model.head(hidden[:, -1])
         self.load_state(new_state, index)
-        return self.model.head(hidden[:, -1])
+        return logits
 
     @torch.no_grad()
     def step(self, tokens) -> torch.Tensor:
@@ -231,6 +250,60 @@ class Decoder:
             return fns[i](params[i], *args)
 
         return run_block
+
+
+class _PiecePrefill:
+    """GPT-mode prefill of `rows` prompts as replays of CUDA graphs, one per piece length in PREFILL_PIECES (recorded
+    on first use); the state goes from piece to piece in static buffers, a remainder runs eagerly."""
+
+    def __init__(self, model: RWKVModel, rows: int, pool):
+        self.model = model
+        self.pool = pool
+        self.state = model.zero_state(rows)
+        self.logits = torch.empty(rows, model.config.vocab_size, device=model.emb.weight.device,
+                                  dtype=model.head.weight.dtype)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # piece length -> (graph, ids)
+
+    def __call__(self, idx: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        _copy_state(self.state, state if state is not None else self.model.zero_state(idx.shape[0]))
+        start, T = 0, idx.shape[1]
+        for piece in PREFILL_PIECES:
+            while T - start >= piece:
+                graph, ids = self.graphs.get(piece) or self._record(piece)
+                ids.copy_(idx[:, start : start + piece])
+                graph.replay()
+                start += piece
+        if start == T:
+            return self.logits.clone(), self.state.clone()
+        hidden, new_state = self.model.run_unchecked(idx[:, start:], self.state)
+        return self.model.head(hidden[:, -1]), new_state
+
+    def _run(self, ids: torch.Tensor) -> None:
+        hidden, new_state = self.model.run_unchecked(ids, self.state)
+        _copy_state(self.state, new_state)
+        self.logits.copy_(self.model.head(hidden[:, -1]))
+
+    def _record(self, piece: int):
+        ids = torch.zeros(self.state.batch_size, piece, dtype=torch.long, device=self.logits.device)
+        saved = self.state.clone()  # the warm-up run advances the state; recording runs nothing
+        device = self.logits.device
+        with without_device_syncs():  # the warm-up must take the kernels that the graph will
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self._run(ids)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._run(ids)
+        _copy_state(self.state, saved)
+        self.graphs[piece] = graph, ids
+        return graph, ids
+
+
+def _copy_state(dst: State, src: State) -> None:
+    for name in ("att_x", "wkv", "ffn_x"):
+        getattr(dst, name).copy_(getattr(src, name))
 
 
 def _allow_recompiles_per_decoder() -> None:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import check_triton_device
+from rwkvkit.ops import check_triton_device, device_sync_allowed
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _round_to_tf32, _row, _shapes, _supported, _tile_offsets
 
 DEFAULT_CONFIG = KernelConfig()
@@ -353,8 +353,8 @@ def wkv6_triton(
     tensors = (r, w, k, v, u) + (() if initial_state is None else (initial_state,))
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if config is None:
-        # the decay check syncs with the GPU: only for calls without gradients (prefill), never inside a capture
-        long_walks = not wants_grad and not (r.is_cuda and torch.cuda.is_current_stream_capturing())
+        # the decay check waits for the GPU: only for calls without gradients (prefill), never for a CUDA graph
+        long_walks = not wants_grad and device_sync_allowed(r)
         long_walks = long_walks and w.amin().item() >= FORWARD_ONLY_MIN_LOG_DECAY
         config = FORWARD_ONLY_CONFIG if long_walks else DEFAULT_CONFIG
     if not _supported(r, v, config):
