@@ -43,6 +43,8 @@ def _config(chunk=16, state="tf32r", chunk_dots="tf32r", solve="tf32r", block_v=
 VARIANTS = {  # H100 history in docs/gpu.md: ieee 6x slower, raw tf32 1.78x the floor, chunk 32 spills
     "c32g16-tf32r-v32": _config(chunk=32, grad_chunk=16),  # WKV7's default
     "c32g32-tf32r-v32-g8": _config(chunk=32, grad_chunk=32, warps_grad=8),
+    "c32g32-tf32r-v32": _config(chunk=32, grad_chunk=32),
+    "c32g32-tf32r-v64": _config(chunk=32, grad_chunk=32, block_v=64),
     "c16-tf32r-v32": _config(),
     "c16-tf32r-v64": _config(block_v=64),
     "c16-tf32r-v16": _config(block_v=16),

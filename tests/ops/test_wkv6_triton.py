@@ -58,7 +58,9 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
     state = state if with_state else None
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
-    want = run(wkv6_naive, inputs, state, dy, ds)
+    # 64-token walks floor the log decay at -2.2 (log_decay_floor), which a few of these draws pass (GPU, N = 64)
+    floor = triton_chunk.log_decay_floor(chunk)
+    want = run(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x), inputs, state, dy, ds)
     # every buffer the kernels fill starts as NaN, so an element they forget to write shows up
     for name in ("empty", "empty_like"):
         alloc = getattr(torch, name)

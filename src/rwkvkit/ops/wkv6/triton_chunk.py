@@ -252,10 +252,13 @@ def _bwd_chunk(
     d_v = _dot(tl.trans(m), do, PC) + _dot(k_e, dSC, PS)
     tl.store(dv + pv, d_v.to(dv.dtype.element_ty), mask=live)
     d_k_end = _dot(vv, tl.trans(dSC), PS) * tl.exp(g_end[None, :] - G)
-    d_k_decayed = _dot(tl.trans(d_m), r_in, PC) * tl.exp(g_mid[None, :] - G) + d_k_end
-    tl.store(dk + pk, (d_k_decayed + d_bonus * uu[None, :] * rr).to(dk.dtype.element_ty), mask=live)
-    # gradients of G_t (from k), G_{t-1} (from r) and G_C; the middle-token reference cancels in every pair
-    d_gcur = -(kk * d_k_decayed)
+    d_k_pairs = _dot(tl.trans(d_m), r_in, PC)
+    d_k = d_k_pairs * tl.exp(g_mid[None, :] - G) + d_k_end + d_bonus * uu[None, :] * rr
+    tl.store(dk + pk, d_k.to(dk.dtype.element_ty), mask=live)
+    # gradients of G_t (from k), G_{t-1} (from r) and G_C; the middle-token reference cancels in every pair. The
+    # pair parts take x dx with x as the products saw it (k_in, r_in rounded), so that the two ends of every pair
+    # cancel exactly (with kk e^{g_mid - G}: dw 1.12 -> 1.23 times the bf16 floor at 32-token chunks).
+    d_gcur = -(kk * d_k_end + d_k_pairs * k_in)
     d_gend = tl.sum(kk * d_k_end, 0)
     # the parts that meet S_0: r through y = R~ S_0 + M V
     S0 = tl.load(states + p_state)
@@ -263,9 +266,11 @@ def _bwd_chunk(
     if ROUND_ONCE:
         S0 = _round_to_tf32(S0)
         do = _round_to_tf32(do)
-    d_r_decayed = _dot(do, tl.trans(S0), PS) * tl.exp(G - ww) + _dot(d_m, k_in, PC) * tl.exp(G - ww - g_mid[None, :])
-    tl.store(dr + pk, (d_r_decayed + d_bonus * uu[None, :] * kk).to(dr.dtype.element_ty), mask=live)
-    d_gprev = rr * d_r_decayed
+    d_r_state = _dot(do, tl.trans(S0), PS) * tl.exp(G - ww)
+    d_r_pairs = _dot(d_m, k_in, PC)
+    d_r = d_r_state + d_r_pairs * tl.exp(G - ww - g_mid[None, :]) + d_bonus * uu[None, :] * kk
+    tl.store(dr + pk, d_r.to(dr.dtype.element_ty), mask=live)
+    d_gprev = rr * d_r_state + d_r_pairs * r_in
     d_gend += tl.sum(tl.load(dstates + p_state) * tl.load(states + p_state), 1) * tl.exp(g_end)
     # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C
     d_w = tl.cumsum(d_gcur, 0, reverse=True) + tl.cumsum(d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
