@@ -50,8 +50,9 @@ def run(fn, inputs, state, dy, ds):
 
 @pytest.mark.parametrize(
     "T, with_state, chunk, grad_chunk",
-    # walks of 32 or 64 tokens with a gradient kernel of 16 (states at the sub-chunk starts)
-    [(37, True, 16, 16), (16, False, 16, 16), (5, True, 16, 16), (45, True, 32, 16), (70, False, 64, 16)],
+    # walks of 32 or 64 tokens with a gradient kernel of 16 (states at the sub-chunk starts), or 32 throughout
+    [(37, True, 16, 16), (16, False, 16, 16), (5, True, 16, 16), (45, True, 32, 16), (70, False, 64, 16),
+     (45, True, 32, 32)],
 )
 def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
     inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=T)
@@ -126,22 +127,25 @@ def test_default_config_gradients_float32_within_tf32_rounding():
         assert rel_err(g, w) < 3e-3, name
 
 
-def test_calls_without_gradients_walk_32_token_chunks(monkeypatch):
-    """No-grad calls (prefill) walk 32-token chunks unless a log decay is too strong for them; training 16."""
+def test_default_takes_32_token_chunks_where_no_log_decay_is_below_their_floor(monkeypatch):
+    """With or without gradients: 32-token chunks while every log decay is above log_decay_floor(32) (-4.2), else 16
+    (floor -8); both close to the loop."""
     seen = []
     forward = triton_chunk._forward
     monkeypatch.setattr(triton_chunk, "_forward", lambda *args, **kw: seen.append(args[-1]) or forward(*args, **kw))
-    inputs, state = rwkv6_like_inputs(1, 45, 2, HEAD, seed=8)
-    with torch.no_grad():
-        y, s_final = triton_chunk.wkv6_triton(*inputs, state)
-    y_ref, s_ref = wkv6_naive(*inputs, state)
-    assert rel_err(y, y_ref) < 3e-3 and rel_err(s_final, s_ref) < 3e-3
-    triton_chunk.wkv6_triton(*[x.clone().requires_grad_() for x in inputs], state)
-    assert seen == [triton_chunk.FORWARD_ONLY_CONFIG, triton_chunk.DEFAULT_CONFIG]
-    # a channel decaying faster than the 32-token walks allow: 16-token chunks, still exact
-    inputs[1][..., 0] = -7.0
-    with torch.no_grad():
-        y, s_final = triton_chunk.wkv6_triton(*inputs, state)
-    assert seen[-1] == triton_chunk.DEFAULT_CONFIG
-    y_ref, s_ref = wkv6_naive(*inputs, state)
-    assert rel_err(y, y_ref) < 3e-3 and rel_err(s_final, s_ref) < 3e-3
+    T = 45
+    inputs, state = rwkv6_like_inputs(1, T, 2, HEAD, seed=8)
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
+    for strong_channel, config in ((False, triton_chunk.LONG_CHUNK_CONFIG), (True, triton_chunk.DEFAULT_CONFIG)):
+        if strong_channel:
+            inputs[1][..., 0] = -7.0
+        with torch.no_grad():
+            y, s_final = triton_chunk.wkv6_triton(*inputs, state)
+        y_ref, s_ref = wkv6_naive(*inputs, state)
+        assert rel_err(y, y_ref) < 3e-3 and rel_err(s_final, s_ref) < 3e-3
+        got = run(triton_chunk.wkv6_triton, inputs, state, dy, ds)
+        want = run(wkv6_naive, inputs, state, dy, ds)
+        for name, g, w in zip(NAMES, got, want):
+            assert rel_err(g, w) < 3e-3, name
+        assert seen[-2:] == [config, config]

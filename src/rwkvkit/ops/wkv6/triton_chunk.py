@@ -23,13 +23,6 @@ import triton.language as tl
 from rwkvkit.ops import check_triton_device, device_sync_allowed
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _round_to_tf32, _row, _shapes, _supported, _tile_offsets
 
-DEFAULT_CONFIG = KernelConfig()
-# Calls that want no gradient walk 32-token chunks: H100, B8 / B4 T4096: forward 0.71 -> 0.51 ms, 0.80 -> 0.57 ms.
-# With gradients 16 stays: 32-token walks plus 16-token gradient sub-chunks measured 2.21 / 2.72 against
-# 2.22 / 2.61 ms (the walks are cheap here; the sub-chunk states cost what they save).
-FORWARD_ONLY_CONFIG = KernelConfig(chunk=32)
-
-
 def log_decay_floor(chunk: int) -> float:
     """The lowest log decay the kernels use with `chunk`-token walks; lower ones are taken as this value.
 
@@ -40,9 +33,13 @@ def log_decay_floor(chunk: int) -> float:
     return -72.0 / (chunk // 2 + 1)
 
 
-# No-grad calls walk 32 tokens only where that floor (-4.2) would change nothing: a strongly decaying RWKV-5/6
-# channel keeps them at 16.
-FORWARD_ONLY_MIN_LOG_DECAY = log_decay_floor(FORWARD_ONLY_CONFIG.chunk)
+# 32-token chunks throughout (walks, outputs, gradients). H100, B8 / B4 T4096, fwd+bwd: 2.13 -> 1.61 ms and
+# 2.54 -> 1.91 ms (fewer states to store and load, half the walk steps). Their floor, -4.2, would change a strongly
+# decaying RWKV-5/6 channel, so they are taken only where every log decay is above it: the default config (None)
+# looks (one GPU sync per call), and takes 16-token chunks (floor -8) below it and inside CUDA graphs.
+LONG_CHUNK_CONFIG = KernelConfig(chunk=32, grad_chunk=32)
+LONG_CHUNK_MIN_LOG_DECAY = log_decay_floor(LONG_CHUNK_CONFIG.chunk)
+DEFAULT_CONFIG = KernelConfig()
 
 
 @triton.jit
@@ -278,8 +275,15 @@ def _bwd_chunk(
     tl.store(dw + pk, tl.where(floored, 0.0, d_w).to(dw.dtype.element_ty), mask=live)
 
 
-def _forward(r, w, k, v, u, s0, cfg: KernelConfig, for_grad: bool = True):
+def _wkv6_shapes(r, v, cfg: KernelConfig):
+    """WKV7's _shapes, but a walk program takes all value rows once batch x heads alone fills the GPU: every program
+    recomputes its chunk's decayed keys (H100, 96 and 128 of them: fwd+bwd 2.27 -> 2.13 and 2.67 -> 2.54 ms)."""
     B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
+    return B, T, H, K, V, n_chunks, V if cfg.block_v is None and B * H >= 96 else bv
+
+
+def _forward(r, w, k, v, u, s0, cfg: KernelConfig, for_grad: bool = True):
+    B, T, H, K, V, n_chunks, bv = _wkv6_shapes(r, v, cfg)
     sub = cfg.grad_chunk if for_grad else cfg.chunk
     ps, pc, _ = cfg.precisions()
     states = torch.empty(B, H, n_chunks * (cfg.chunk // sub), K, V, device=r.device, dtype=torch.float32)
@@ -308,7 +312,7 @@ class _WKV6(torch.autograd.Function):
     def backward(ctx, dy, ds_final):
         r, w, k, v, u, states = ctx.saved_tensors
         cfg = ctx.cfg
-        B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
+        B, T, H, K, V, n_chunks, bv = _wkv6_shapes(r, v, cfg)
         sub = cfg.grad_chunk
         ps, pc, _ = cfg.precisions()
         dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
@@ -351,17 +355,15 @@ def wkv6_triton(
     state [B, H, N_k, N_v] float32. Returns y in r's dtype and the final state in float32; differentiable in all
     inputs and initial_state. Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
     Log decays below log_decay_floor(config.chunk) (-8 for the default) are taken as that floor.
-    config None: FORWARD_ONLY_CONFIG for a call that wants no gradient and whose log decays are all at least
-    FORWARD_ONLY_MIN_LOG_DECAY, else DEFAULT_CONFIG.
+    config None: LONG_CHUNK_CONFIG where every log decay is at least LONG_CHUNK_MIN_LOG_DECAY, else DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
     tensors = (r, w, k, v, u) + (() if initial_state is None else (initial_state,))
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if config is None:
-        # the decay check waits for the GPU: only for calls without gradients (prefill), never for a CUDA graph
-        long_walks = not wants_grad and device_sync_allowed(r)
-        long_walks = long_walks and w.amin().item() >= FORWARD_ONLY_MIN_LOG_DECAY
-        config = FORWARD_ONLY_CONFIG if long_walks else DEFAULT_CONFIG
+        # the decay check waits for the GPU, so never while a CUDA graph records
+        long_chunks = device_sync_allowed(r) and w.amin().item() >= LONG_CHUNK_MIN_LOG_DECAY
+        config = LONG_CHUNK_CONFIG if long_chunks else DEFAULT_CONFIG
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv6 import wkv6
 
