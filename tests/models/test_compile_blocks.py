@@ -9,19 +9,25 @@ from rwkvkit.models import RWKVConfig, build_model
 
 
 @pytest.mark.parametrize("mode, expected", [("default", {}), ("reduce-overhead", {"mode": "reduce-overhead"})])
-def test_compile_blocks_compiles_ln1_with_the_time_mix_and_passes_the_mode(monkeypatch, mode, expected):
-    seen = []
+def test_compile_blocks_compiles_two_graphs_per_block_and_passes_the_mode(monkeypatch, mode, expected):
+    """ln1 + time-mix + residual + ln2, and channel-mix + residual: the blocks then run the compiled functions."""
+    seen, calls = [], []
 
     def fake_compile(fn, **options):
         seen.append((fn, options))
-        return fn
+
+        def compiled(*args):
+            calls.append(fn.__func__.__name__)
+            return fn(*args)
+
+        return compiled
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     model = build_model(RWKVConfig("7", 2, 32, 50, head_size=16), init=True)
-    compiled = {}
-    for block in model.blocks:  # nn.Module.compile also goes through torch.compile
-        monkeypatch.setattr(block.ffn, "compile", lambda block=block, **o: compiled.setdefault(block, o))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    want = model(ids)[0]
     model.compile_blocks(mode)
-    assert [options for _, options in seen] == [expected] * 2
-    assert [fn.__func__.__name__ for fn, _ in seen] == ["time_mix_residual"] * 2
-    assert list(compiled.values()) == [expected] * 2
+    assert [options for _, options in seen] == [expected] * 4
+    assert [fn.__func__.__name__ for fn, _ in seen] == ["time_mix_residual", "channel_mix_residual"] * 2
+    assert torch.equal(model(ids)[0], want)
+    assert calls == ["time_mix_residual", "channel_mix_residual"] * 2

@@ -241,18 +241,20 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x, att_x, wkv, ffn_x, v_first):
-        x, att_last, wkv, v_first = self.time_mix_residual(x, att_x, wkv, v_first)
-        x, ffn_last = self.channel_mix_residual(x, ffn_x)
-        return x, att_last, wkv, ffn_last, v_first
+        x, xf, att_last, wkv, v_first = self.time_mix_residual(x, att_x, wkv, v_first)
+        x = self.channel_mix_residual(x, xf, ffn_x)
+        return x, att_last, wkv, xf[:, -1], v_first
 
     def time_mix_residual(self, x, att_x, wkv, v_first):
+        """ln1, time-mix and residual, and ln2 of the result: in training one compiled graph (compile_blocks), in
+        which the residual stream's two gradients (through ln2, and past it) meet."""
         xa = self.ln1(x)
         out, wkv, v_first = self.att(xa, att_x.to(xa.dtype), wkv, v_first)
-        return x + out, xa[:, -1], wkv, v_first
+        x = x + out
+        return x, self.ln2(x), xa[:, -1], wkv, v_first
 
-    def channel_mix_residual(self, x, ffn_x):
-        xf = self.ln2(x)
-        return x + self.ffn(xf, ffn_x.to(xf.dtype)), xf[:, -1]
+    def channel_mix_residual(self, x, xf, ffn_x):
+        return x + self.ffn(xf, ffn_x.to(xf.dtype))
 
 
 class RWKVModel(nn.Module):
@@ -363,13 +365,13 @@ class RWKVModel(nn.Module):
         return (x[0] if single else x), state
 
     def compile_blocks(self, mode: str = "default", **options) -> None:
-        """torch.compile each block for training, the WKV kernel an opaque op inside: ln1 + time-mix + residual
-        as one graph, and the channel-mix alone. Every layer runs the same code with its own weights as graph
-        inputs, so a model compiles three graphs (RWKV-7's layer 0 time-mix is the third).
+        """torch.compile each block for training, the WKV kernel an opaque op inside: ln1 + time-mix + residual +
+        ln2 as one graph, the channel-mix + residual as another. Every layer runs the same code with its own weights
+        as graph inputs, so a model compiles three graphs (RWKV-7's layer 0 time-mix is the third).
 
-        ln2 stays outside the channel-mix graph: on torch 2.11 + CUDA, Inductor's backward of a graph holding both
-        returned the channel-mix's [1, 1, C] mix gradient as [C] (from 8k tokens per micro-batch on the H100), and
-        autograd rejected it.
+        ln2 goes with the time-mix, not with the channel-mix: on torch 2.11 + CUDA, Inductor's backward of a graph
+        holding ln2 and the channel-mix returned the channel-mix's [1, 1, C] mix gradient as [C] (from 8k tokens per
+        micro-batch on the H100), and autograd rejected it.
         """
         from rwkvkit.ops import preload_kernels
 
@@ -379,7 +381,7 @@ class RWKVModel(nn.Module):
         for block in self.blocks:
             # an instance attribute shadows the method that Block.forward calls
             block.time_mix_residual = torch.compile(block.time_mix_residual, **options)
-            block.ffn.compile(**options)
+            block.channel_mix_residual = torch.compile(block.channel_mix_residual, **options)
 
     def zero_state(self, batch_size: int = 1) -> State:
         return State.zeros(self.config, batch_size, device=self.emb.weight.device, dtype=self.emb.weight.dtype)
