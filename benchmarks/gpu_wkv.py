@@ -77,14 +77,14 @@ def rwkv7_inputs(B, T, H, N, dtype, seed=0):
     return [x.to(dtype) for x in (r, w, k, v, a, b)]
 
 
-def rwkv6_inputs(B, T, H, N, dtype, seed=0, log_decay_min=None):
+def rwkv6_inputs(B, T, H, N, dtype, seed=0, log_decay_min=None, log_decay_mu=-1.0):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, device="cuda")
 
     r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
-    w = -torch.exp(randn(B, T, H, N) * 0.5 - 1.0)  # a few in 10^6 below -4.2 (B8: about a dozen)
+    w = -torch.exp(randn(B, T, H, N) * 0.5 + log_decay_mu)  # mu = -1: a few in 10^6 below -4.2 (B8: a dozen)
     if log_decay_min is not None:
         w = w.clamp(min=log_decay_min)
     return [x.to(dtype) for x in (r, w, k, v)] + [randn(H, N) * 0.5]
@@ -259,13 +259,16 @@ def main():
     p.add_argument("--odd-length", type=int, default=0, help="also check accuracy at this T (batch 1)")
     p.add_argument("--profile", action="store_true", help="per-kernel device time of our variants")
     p.add_argument("--log-decay-min", type=float, default=None,
-                   help="WKV6: clamp the random log decays from below (the default config's choice depends on them)")
+                   help="WKV6: clamp the random log decays from below (at -4.2 the default takes 32-token chunks)")
+    p.add_argument("--log-decay-mu", type=float, default=-1.0,
+                   help="WKV6: log decays are -exp(0.5 z + mu) (mu = 2: about -7.4 per token, so the default takes "
+                        "16-token chunks)")
     args = p.parse_args()
     names = list(VARIANTS) if args.variants == ["all"] else args.variants or [DEFAULT_VARIANT.get(args.op)]
     quantities = QUANTITIES[args.op]
     make_inputs = {"wkv7": rwkv7_inputs, "wkv6": rwkv6_inputs, "wkv4": rwkv4_inputs}[args.op]
-    if args.op == "wkv6" and args.log_decay_min is not None:
-        make_inputs = functools.partial(rwkv6_inputs, log_decay_min=args.log_decay_min)
+    if args.op == "wkv6":
+        make_inputs = functools.partial(rwkv6_inputs, log_decay_min=args.log_decay_min, log_decay_mu=args.log_decay_mu)
     if args.op == "wkv4":  # one Triton kernel (no configs): beside the PyTorch path "auto" took before it
         fns = {"ours wkv4 triton": ours4("triton"), "ours wkv4 chunked (PyTorch)": ours4("chunked")}
     else:
