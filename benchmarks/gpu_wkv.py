@@ -49,6 +49,7 @@ VARIANTS = {  # H100 history in docs/gpu.md: ieee 6x slower, raw tf32 1.78x the 
     "c32g32-tf32r-v64": _config(chunk=32, grad_chunk=32, block_v=64),
     "c16-tf32r-v32": _config(),
     "c16-tf32r-v64": _config(block_v=64),
+    "c16h-tf32r-v64": _config(block_v=64, pair_halves=True),  # WKV6: pair factors split per half chunk
     "c16-tf32r-v16": _config(block_v=16),
     "c16-tf32r-v16-w2": _config(block_v=16, warps_seq=2),
     "c16-tf32r-v32-s1": _config(stages_seq=1),

@@ -49,24 +49,26 @@ def run(fn, inputs, state, dy, ds):
 
 
 @pytest.mark.parametrize(
-    "T, with_state, chunk, grad_chunk",
+    "T, with_state, chunk, grad_chunk, halves",
     # walks of 32 or 64 tokens with a gradient kernel of 16 (states at the sub-chunk starts), or 32 throughout
-    [(37, True, 16, 16), (16, False, 16, 16), (5, True, 16, 16), (45, True, 32, 16), (70, False, 64, 16),
-     (45, True, 32, 32)],
+    [(37, True, 16, 16, False), (16, False, 16, 16, False), (5, True, 16, 16, False), (45, True, 32, 16, False),
+     (70, False, 64, 16, False), (45, True, 32, 32, False),
+     # pair factors split per half chunk (DEFAULT_CONFIG's), also with 32-token walks and 16-token gradients
+     (37, True, 16, 16, True), (45, False, 32, 16, True), (70, True, 32, 32, True)],
 )
-def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
+def test_matches_naive_float32(T, with_state, chunk, grad_chunk, halves, monkeypatch):
     inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=T)
     state = state if with_state else None
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_halves=halves)
     # 64-token walks floor the log decay at -2.2 (log_decay_floor), which a few of these draws pass (GPU, N = 64)
-    floor = triton_chunk.log_decay_floor(chunk)
+    floor = triton_chunk.log_decay_floor(cfg)
     want = run(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x), inputs, state, dy, ds)
     # every buffer the kernels fill starts as NaN, so an element they forget to write shows up
     for name in ("empty", "empty_like"):
         alloc = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
-    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk)
     got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
     monkeypatch.undo()
     assert len(got) == len(want) == (8 if with_state else 7)
@@ -76,22 +78,23 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
         assert rel_err(g, w) < 2e-5, name
 
 
-@pytest.mark.parametrize("chunk", [16, 32])
-def test_log_decays_below_the_floor_are_floored_not_overflowed(chunk, monkeypatch):
+@pytest.mark.parametrize("chunk, halves", [(16, True), (32, False), (16, False)])
+def test_log_decays_below_the_floor_are_floored_not_overflowed(chunk, halves, monkeypatch):
     """RWKV-6's w = -exp(time_decay + lora) is unbounded below (here down to about -1e5): the split pair factors
-    would overflow, so the kernels floor w at log_decay_floor(chunk) (-8 at 16): the floored recurrence exactly,
-    and at 16 within bf16 rounding of the true one."""
+    would overflow, so the kernels floor w at log_decay_floor (DEFAULT_CONFIG's: -14.4): the floored recurrence
+    exactly, and with DEFAULT_CONFIG's split within float32 rounding of the true one (-8 without it: 1e-3)."""
     T = 37
     inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=11)
     inputs[1] = -torch.exp(torch.randn(inputs[1].shape, generator=torch.Generator().manual_seed(3)) * 5).to(DEVICE)
-    floor = triton_chunk.log_decay_floor(chunk)
-    assert (inputs[1] < floor).float().mean() > 0.3
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=16, pair_halves=halves)
+    floor = triton_chunk.log_decay_floor(cfg)
+    assert floor == {(16, True): -14.4, (32, False): -72 / 17, (16, False): -8.0}[chunk, halves]
+    assert (inputs[1] < floor).float().mean() > 0.2
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
     for name in ("empty", "empty_like"):
         alloc = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
-    cfg = EXACT._replace(chunk=chunk, grad_chunk=16)
     got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
     monkeypatch.undo()
     floored = run(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x), inputs, state, dy, ds)
@@ -100,7 +103,7 @@ def test_log_decays_below_the_floor_are_floored_not_overflowed(chunk, monkeypatc
         assert torch.isfinite(g).all(), name
         assert rel_err(g, f) < 2e-5, name
         if chunk == 16:
-            assert rel_err(g, t) < 1e-3, name
+            assert rel_err(g, t) < (2e-5 if halves else 1e-3), name
 
 
 def test_default_config_bf16():
@@ -127,9 +130,9 @@ def test_default_config_gradients_float32_within_tf32_rounding():
         assert rel_err(g, w) < 3e-3, name
 
 
-def test_default_takes_32_token_chunks_where_no_log_decay_is_below_their_floor(monkeypatch):
-    """With or without gradients: 32-token chunks while every log decay is above log_decay_floor(32) (-4.2), else 16
-    (floor -8); both close to the loop."""
+def test_default_takes_the_fastest_config_whose_floor_changes_nothing(monkeypatch):
+    """With or without gradients: 32-token chunks while every log decay is above their floor (-4.2), 16-token
+    chunks above -8, else 16 with the pair factors split per half chunk (floor -14.4); all close to the loop."""
     seen = []
     forward = triton_chunk._forward
     monkeypatch.setattr(triton_chunk, "_forward", lambda *args, **kw: seen.append(args[-1]) or forward(*args, **kw))
@@ -137,9 +140,10 @@ def test_default_takes_32_token_chunks_where_no_log_decay_is_below_their_floor(m
     inputs, state = rwkv6_like_inputs(1, T, 2, HEAD, seed=8)
     dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
-    for strong_channel, config in ((False, triton_chunk.LONG_CHUNK_CONFIG), (True, triton_chunk.DEFAULT_CONFIG)):
-        if strong_channel:
-            inputs[1][..., 0] = -7.0
+    for strong, config in ((None, triton_chunk.LONG_CHUNK_CONFIG), (-7.0, triton_chunk.SHORT_CHUNK_CONFIG),
+                           (-12.0, triton_chunk.DEFAULT_CONFIG)):
+        if strong is not None:
+            inputs[1][..., 0] = strong
         with torch.no_grad():
             y, s_final = triton_chunk.wkv6_triton(*inputs, state)
         y_ref, s_ref = wkv6_naive(*inputs, state)

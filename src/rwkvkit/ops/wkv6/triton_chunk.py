@@ -23,43 +23,57 @@ import triton.language as tl
 from rwkvkit.ops import check_triton_device, device_sync_allowed
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _round_to_tf32, _row, _shapes, _supported, _tile_offsets
 
-def log_decay_floor(chunk: int) -> float:
-    """The lowest log decay the kernels use with `chunk`-token walks; lower ones are taken as this value.
+def log_decay_floor(cfg: KernelConfig) -> float:
+    """The lowest log decay the kernels use with this config; lower ones are taken as this value.
 
-    The in-chunk pair factors e^{G_{t-1}-G_mid} and e^{G_mid-G_j} span up to chunk // 2 + 1 tokens, and e^72 leaves
-    float32 room for the inputs' own size. At 16 tokens the floor is -8: such a channel keeps less than 3.4e-4 of
-    its state per token, a change below bf16 rounding; its decay gradient there is 0, as for a clamp.
+    The in-chunk pair factors e^{G_{t-1}-G_ref} and e^{G_ref-G_j} span up to C/2 + 1 tokens around the chunk's
+    middle, C/4 + 1 with `pair_halves` (a reference per half chunk), and e^72 leaves float32 room for the inputs'
+    own size: -4.2 at 32 tokens, -14.4 at 16 with halves, where a channel keeps under 6e-7 of its state per token
+    (a change below float32's resolution of the other terms; its decay gradient there is 0, as for a clamp).
     """
-    return -72.0 / (chunk // 2 + 1)
+    return -72.0 / (cfg.chunk // (4 if cfg.pair_halves else 2) + 1)
 
 
-# 32-token chunks throughout (walks, outputs, gradients). H100, B8 / B4 T4096, fwd+bwd: 2.13 -> 1.61 ms and
-# 2.54 -> 1.91 ms (fewer states to store and load, half the walk steps). Their floor, -4.2, would change a strongly
-# decaying RWKV-5/6 channel, so they are taken only where every log decay is above it: the default config (None)
-# looks (one GPU sync per call), and takes 16-token chunks (floor -8) below it and inside CUDA graphs.
+# config=None picks by the call's lowest log decay (one GPU sync) the fastest config whose floor changes nothing.
+# H100, B8 / B4 T4096, fwd+bwd ms: 32-token chunks throughout 1.61 / 1.91 (fewer states to store and load, half
+# the walk steps; floor -4.2), 16-token chunks 2.13 / 2.55 (floor -8), 16 with the pair factors split per half
+# chunk 2.48 / 3.00 (floor -14.4; the split's extra products). The last is DEFAULT_CONFIG, for decays below -8
+# (RWKV-5/6's w = -exp(time_decay + lora) has no lower bound; with -8 as the floor such inputs had dw at 2.2x the
+# bf16 error floor) and inside CUDA graphs, where the check cannot wait for the GPU.
 LONG_CHUNK_CONFIG = KernelConfig(chunk=32, grad_chunk=32)
-LONG_CHUNK_MIN_LOG_DECAY = log_decay_floor(LONG_CHUNK_CONFIG.chunk)
-DEFAULT_CONFIG = KernelConfig()
+SHORT_CHUNK_CONFIG = KernelConfig()
+DEFAULT_CONFIG = KernelConfig(pair_halves=True)
 
 
 @triton.jit
-def _load_log_decay(w, pk, live, WALK: tl.constexpr):
-    """A chunk's log decays, floored at log_decay_floor(WALK)."""
-    return tl.maximum(tl.load(w + pk, mask=live, other=0.0).to(tl.float32), -72.0 / (WALK // 2 + 1))
+def _load_log_decay(w, pk, live, W_MIN: tl.constexpr):
+    """A chunk's log decays, floored at W_MIN (log_decay_floor of the config)."""
+    return tl.maximum(tl.load(w + pk, mask=live, other=0.0).to(tl.float32), W_MIN)
 
 
 @triton.jit
-def _decay_factors(ww, C: tl.constexpr):
-    G = tl.cumsum(ww, 0)
-    Gp = G - ww
-    Gend = tl.sum(ww, 0)
-    Gm = _row(G, C // 2, C)
-    e_gp = tl.exp(Gp)  # r side, against S_0
-    e_gp_m = tl.exp(Gp - Gm[None, :])  # r side, in-chunk pairs
-    e_m_g = tl.exp(Gm[None, :] - G)  # k side, in-chunk pairs
-    e_end_g = tl.exp(Gend[None, :] - G)  # k side, into S_C
-    e_end = tl.exp(Gend)
-    return e_gp, e_gp_m, e_m_g, e_end_g, e_end
+def _pair_factors(G, ww, C: tl.constexpr, HALVES: tl.constexpr):
+    """The in-chunk pair weight e^{G_{t-1}-G_j} (j < t) as a product of a t-side and a j-side factor that stay
+    finite: (a_in, b_in) = (e^{G_{t-1}-G_ref}, e^{G_ref-G_j}) around the chunk's middle token, or with HALVES
+    around the middle of each half (for pairs within a half) plus (a_x, b_x) around the first half's last token for
+    the pairs across the halves (both <= 1; zero outside their half). Without HALVES a_x, b_x are unused zeros."""
+    if HALVES:
+        first = (tl.arange(0, C) < C // 2)[:, None]
+        g_ref = tl.where(first, _row(G, C // 4, C)[None, :], _row(G, C // 2 + C // 4, C)[None, :])
+        g_x = _row(G, C // 2 - 1, C)[None, :]
+        a_x = tl.where(first, 0.0, tl.exp(G - ww - g_x))
+        b_x = tl.where(first, tl.exp(g_x - G), 0.0)
+    else:
+        g_ref = _row(G, C // 2, C)[None, :]
+        a_x = tl.zeros_like(G)
+        b_x = tl.zeros_like(G)
+    return tl.exp(G - ww - g_ref), tl.exp(g_ref - G), a_x, b_x
+
+
+@triton.jit
+def _same_half(C: tl.constexpr):
+    rows = tl.arange(0, C)
+    return (rows[:, None] < C // 2) == (rows[None, :] < C // 2)
 
 
 @triton.jit
@@ -67,6 +81,7 @@ def _fwd_state(
     w, k, v, s0, states, s_final,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
+    W_MIN: tl.constexpr,
 ):  # fmt: skip
     """S_C = diag(e^{G_C}) S_0 + K_e^T V, chunk after chunk; every S_0 is kept for the outputs and the backward."""
     i_v = tl.program_id(0)
@@ -82,7 +97,7 @@ def _fwd_state(
     for i_t in range(n_chunks):
         tl.store(states + (i_bh * n_chunks + i_t) * (C // SUB) * K * V + s_offs, S)
         tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-        ww = _load_log_decay(w, pk, live, C)
+        ww = _load_log_decay(w, pk, live, W_MIN)
         kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
         vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
         g_end = tl.sum(ww, 0)
@@ -92,13 +107,16 @@ def _fwd_state(
 
 
 @triton.jit
-def _pairs(r_in, k_in, rr, kk, uu, C: tl.constexpr, PC: tl.constexpr):
-    """M[t, j] = <r_t e^{G_{t-1}-G_j}, k_j> below the diagonal (from r_in, k_in, the two sides of the split
-    exponent), <r_t, u k_t> on it."""
+def _pairs(r_in, k_in, r_x, k_x, rr, kk, uu, C: tl.constexpr, PC: tl.constexpr, HALVES: tl.constexpr):
+    """M[t, j] = <r_t e^{G_{t-1}-G_j}, k_j> below the diagonal (from r and k scaled by _pair_factors), <r_t, u k_t>
+    on it."""
     rows = tl.arange(0, C)
     strict = rows[:, None] > rows[None, :]
     diag = tl.sum(rr * uu[None, :] * kk, 1)
-    m = tl.where(strict, _dot(r_in, tl.trans(k_in), PC), 0.0)
+    if HALVES:
+        m = tl.where(strict & _same_half(C), _dot(r_in, tl.trans(k_in), PC), 0.0) + _dot(r_x, tl.trans(k_x), PC)
+    else:
+        m = tl.where(strict, _dot(r_in, tl.trans(k_in), PC), 0.0)
     return m + tl.where(rows[:, None] == rows[None, :], diag[:, None], 0.0)
 
 
@@ -107,6 +125,7 @@ def _fwd_out(
     r, w, k, v, u, states, y,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
+    W_MIN: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     """y = R~ S_0 + M V for one chunk; with SUB < C also the states at the starts of its SUB-token sub-chunks,
     S_p = diag(e^{G_p}) S_0 + sum_{j<p} (k_j e^{G_p-G_j}) v_j^T, for the gradient kernel (as in WKV7)."""
@@ -121,15 +140,15 @@ def _fwd_out(
     p_state = (i_bh * n_chunks + i_t) * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
     S0 = tl.load(states + p_state)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
-    ww = _load_log_decay(w, pk, live, C)
+    ww = _load_log_decay(w, pk, live, W_MIN)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
-    e_gp, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
-    m = _pairs(rr * e_gp_m, kk * e_m_g, rr, kk, uu, C, PC)
-    out = _dot(rr * e_gp, S0, PS) + _dot(m, vv, PC)
-    tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
     G = tl.cumsum(ww, 0)
+    a_in, b_in, a_x, b_x = _pair_factors(G, ww, C, HALVES)
+    m = _pairs(rr * a_in, kk * b_in, rr * a_x, kk * b_x, rr, kk, uu, C, PC, HALVES)
+    out = _dot(rr * tl.exp(G - ww), S0, PS) + _dot(m, vv, PC)
+    tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
     for i_sub in tl.static_range(1, C // SUB):
         g_p = _row(G, i_sub * SUB - 1, C)
         k_p = tl.where((rows < i_sub * SUB)[:, None], kk * tl.exp(g_p[None, :] - G), 0.0)
@@ -141,6 +160,7 @@ def _bwd_state(
     r, w, dy, ds_final, dstates, ds0,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
+    W_MIN: tl.constexpr,
 ):  # fmt: skip
     """dS_0 = diag(e^{G_C}) dS_C + R~^T dY, walking back; stores dS_C of every chunk."""
     i_v = tl.program_id(0)
@@ -158,7 +178,7 @@ def _bwd_state(
         tl.store(dstates + ((i_bh * n_chunks + i_t + 1) * (C // SUB) - 1) * K * V + s_offs, dS)
         tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
         rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
-        ww = _load_log_decay(w, pk, live, C)
+        ww = _load_log_decay(w, pk, live, W_MIN)
         do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
         r_s = rr * tl.exp(tl.cumsum(ww, 0) - ww)
         dS = dS * tl.exp(tl.sum(ww, 0))[:, None] + _dot(tl.trans(r_s), do, PS)
@@ -171,6 +191,7 @@ def _bwd_substates(
     r, w, dy, dstates,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr,
+    W_MIN: tl.constexpr,
 ):  # fmt: skip
     """dL/dS at the ends of a chunk's SUB-token sub-chunks but the last (the walk stores that one): from boundary p,
     dS_p = diag(e^{G_C-G_p}) dS_C + sum_{t>=p} (r_t e^{G_{t-1}-G_p}) dy_t^T."""
@@ -181,7 +202,7 @@ def _bwd_substates(
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
     tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    ww = _load_log_decay(w, pk, live, C)
+    ww = _load_log_decay(w, pk, live, W_MIN)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
     G = tl.cumsum(ww, 0)
@@ -201,6 +222,7 @@ def _bwd_chunk(
     dr, dw, dk, dv, du_parts,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
+    W_MIN: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     """All input gradients of one chunk (du as per-chunk parts). Like WKV7's: each gradient is stored once complete,
     dS_C and S_0 are loaded in turn, the decay gradient is summed from x * dx, ROUND_ONCE rounds operands once.
@@ -214,33 +236,41 @@ def _bwd_chunk(
     cols_v = tl.arange(0, V)
     tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
     p_state = (i_bh * n_chunks + i_t) * K * V + cols_k[:, None] * V + cols_v[None, :]
-    ww = _load_log_decay(w, pk, live, WALK)
+    ww = _load_log_decay(w, pk, live, W_MIN)
     G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
     g_end = tl.sum(ww, 0)
-    g_mid = _row(G, C // 2, C)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
     uu = tl.load(u + i_h * K + cols_k).to(tl.float32)
-    r_in = rr * tl.exp(G - ww - g_mid[None, :])
-    k_in = kk * tl.exp(g_mid[None, :] - G)
+    a_in, b_in, a_x, b_x = _pair_factors(G, ww, C, HALVES)
+    r_in = rr * a_in
+    k_in = kk * b_in
+    r_x = rr * a_x
+    k_x = kk * b_x
     k_e = kk * tl.exp(g_end[None, :] - G)
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
     if ROUND_ONCE:
         r_in = _round_to_tf32(r_in)
         k_in = _round_to_tf32(k_in)
+        r_x = _round_to_tf32(r_x)
+        k_x = _round_to_tf32(k_x)
         k_e = _round_to_tf32(k_e)
         vv = _round_to_tf32(vv)
         do = _round_to_tf32(do)
     strict = rows[:, None] > rows[None, :]
     on_diag = rows[:, None] == rows[None, :]
-    m = _pairs(r_in, k_in, rr, kk, uu, C, PC)
+    m = _pairs(r_in, k_in, r_x, k_x, rr, kk, uu, C, PC, HALVES)
     d_m = _dot(do, tl.trans(vv), PC)
     d_bonus = tl.sum(tl.where(on_diag, d_m, 0.0), 1)[:, None]
     d_m = tl.where(strict, d_m, 0.0)
+    # with HALVES, r_in / k_in serve the pairs within a half; those across use r_x / k_x, which are zero outside
+    # their half, so their products need no mask
+    d_m_in = tl.where(_same_half(C), d_m, 0.0) if HALVES else d_m
     if ROUND_ONCE:
         m = _round_to_tf32(m)
         d_m = _round_to_tf32(d_m)
+        d_m_in = _round_to_tf32(d_m_in)
     tl.store(du_parts + (i_bh * n_chunks + i_t) * K + cols_k, tl.sum(d_bonus * rr * kk, 0))
     # the parts that meet dS_C: v, and k through S_C = diag(e^{G_C}) S_0 + K_e^T V
     dSC = tl.load(dstates + p_state)
@@ -249,13 +279,17 @@ def _bwd_chunk(
     d_v = _dot(tl.trans(m), do, PC) + _dot(k_e, dSC, PS)
     tl.store(dv + pv, d_v.to(dv.dtype.element_ty), mask=live)
     d_k_end = _dot(vv, tl.trans(dSC), PS) * tl.exp(g_end[None, :] - G)
-    d_k_pairs = _dot(tl.trans(d_m), r_in, PC)
-    d_k = d_k_pairs * tl.exp(g_mid[None, :] - G) + d_k_end + d_bonus * uu[None, :] * rr
+    d_k_in = _dot(tl.trans(d_m_in), r_in, PC)
+    d_k = d_k_in * b_in + d_k_end + d_bonus * uu[None, :] * rr
+    # gradients of G_t (from k), G_{t-1} (from r) and G_C; the reference tokens cancel in every pair. The pair
+    # parts take x dx with x as the products saw it (k_in, r_in rounded), so that the two ends of every pair cancel
+    # exactly (with kk e^{G_ref - G}: dw 1.12 -> 1.23 times the bf16 floor at 32-token chunks).
+    d_gcur = -(kk * d_k_end + d_k_in * k_in)
+    if HALVES:
+        d_k_x = _dot(tl.trans(d_m), r_x, PC)
+        d_k += d_k_x * b_x
+        d_gcur -= d_k_x * k_x
     tl.store(dk + pk, d_k.to(dk.dtype.element_ty), mask=live)
-    # gradients of G_t (from k), G_{t-1} (from r) and G_C; the middle-token reference cancels in every pair. The
-    # pair parts take x dx with x as the products saw it (k_in, r_in rounded), so that the two ends of every pair
-    # cancel exactly (with kk e^{g_mid - G}: dw 1.12 -> 1.23 times the bf16 floor at 32-token chunks).
-    d_gcur = -(kk * d_k_end + d_k_pairs * k_in)
     d_gend = tl.sum(kk * d_k_end, 0)
     # the parts that meet S_0: r through y = R~ S_0 + M V
     S0 = tl.load(states + p_state)
@@ -264,10 +298,14 @@ def _bwd_chunk(
         S0 = _round_to_tf32(S0)
         do = _round_to_tf32(do)
     d_r_state = _dot(do, tl.trans(S0), PS) * tl.exp(G - ww)
-    d_r_pairs = _dot(d_m, k_in, PC)
-    d_r = d_r_state + d_r_pairs * tl.exp(G - ww - g_mid[None, :]) + d_bonus * uu[None, :] * kk
+    d_r_in = _dot(d_m_in, k_in, PC)
+    d_r = d_r_state + d_r_in * a_in + d_bonus * uu[None, :] * kk
+    d_gprev = rr * d_r_state + d_r_in * r_in
+    if HALVES:
+        d_r_x = _dot(d_m, k_x, PC)
+        d_r += d_r_x * a_x
+        d_gprev += d_r_x * r_x
     tl.store(dr + pk, d_r.to(dr.dtype.element_ty), mask=live)
-    d_gprev = rr * d_r_state + d_r_pairs * r_in
     d_gend += tl.sum(tl.load(dstates + p_state) * tl.load(states + p_state), 1) * tl.exp(g_end)
     # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C
     d_w = tl.cumsum(d_gcur, 0, reverse=True) + tl.cumsum(d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
@@ -286,15 +324,18 @@ def _forward(r, w, k, v, u, s0, cfg: KernelConfig, for_grad: bool = True):
     B, T, H, K, V, n_chunks, bv = _wkv6_shapes(r, v, cfg)
     sub = cfg.grad_chunk if for_grad else cfg.chunk
     ps, pc, _ = cfg.precisions()
+    w_min = log_decay_floor(cfg)
     states = torch.empty(B, H, n_chunks * (cfg.chunk // sub), K, V, device=r.device, dtype=torch.float32)
     s_final = torch.empty(B, H, K, V, device=r.device, dtype=torch.float32)
     y = torch.empty_like(v, dtype=r.dtype)
     _fwd_state[(V // bv, B * H)](
         w, k, v, s0 if s0 is not None else s_final, states, s_final,
-        T, H, K, V, bv, cfg.chunk, sub, ps, HAS_S0=s0 is not None, num_warps=cfg.warps_seq,
+        T, H, K, V, bv, cfg.chunk, sub, ps, HAS_S0=s0 is not None, W_MIN=w_min, num_warps=cfg.warps_seq,
     )  # fmt: skip
     _fwd_out[(n_chunks, B * H)](
-        r, w, k, v, u, states, y, T, H, K, V, cfg.chunk, sub, ps, pc, num_warps=cfg.warps_chunk)
+        r, w, k, v, u, states, y, T, H, K, V, cfg.chunk, sub, ps, pc, W_MIN=w_min, HALVES=cfg.pair_halves,
+        num_warps=cfg.warps_chunk,
+    )  # fmt: skip
     return y, s_final, states
 
 
@@ -315,6 +356,7 @@ class _WKV6(torch.autograd.Function):
         B, T, H, K, V, n_chunks, bv = _wkv6_shapes(r, v, cfg)
         sub = cfg.grad_chunk
         ps, pc, _ = cfg.precisions()
+        w_min = log_decay_floor(cfg)
         dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
         want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
         dstates = torch.empty_like(states)
@@ -322,18 +364,19 @@ class _WKV6(torch.autograd.Function):
         _bwd_state[(V // bv, B * H)](
             r, w, dy, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
             T, H, K, V, bv, cfg.chunk, sub, ps,
-            HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, num_warps=cfg.warps_seq,
+            HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, W_MIN=w_min, num_warps=cfg.warps_seq,
         )  # fmt: skip
         if sub < cfg.chunk:
             _bwd_substates[(n_chunks, B * H)](
-                r, w, dy, dstates, T, H, K, V, cfg.chunk, sub, ps, num_warps=cfg.warps_chunk)
+                r, w, dy, dstates, T, H, K, V, cfg.chunk, sub, ps, W_MIN=w_min, num_warps=cfg.warps_chunk)
         grads = [torch.empty_like(x) for x in (r, w, k, v)]
         du_parts = torch.zeros(B, H, n_chunks * (cfg.chunk // sub), K, device=r.device, dtype=torch.float32)
         round_once = cfg.round_once and ps == pc == "tf32r"
         ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
         _bwd_chunk[(triton.cdiv(T, sub), B * H)](
             r, w, k, v, u, dy, states, dstates, *grads, du_parts,
-            T, H, K, V, sub, cfg.chunk, ps_c, pc_c, round_once, num_warps=cfg.warps_grad,
+            T, H, K, V, sub, cfg.chunk, ps_c, pc_c, round_once, W_MIN=w_min, HALVES=cfg.pair_halves,
+            num_warps=cfg.warps_grad,
         )  # fmt: skip
         du = du_parts.sum((0, 2)).to(u.dtype)
         ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
@@ -354,16 +397,18 @@ def wkv6_triton(
     """Same contract as `rwkvkit.ops.wkv6.wkv6`: [B, T, H, N] inputs, w = log decay, u [H, N_k],
     state [B, H, N_k, N_v] float32. Returns y in r's dtype and the final state in float32; differentiable in all
     inputs and initial_state. Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
-    Log decays below log_decay_floor(config.chunk) (-8 for the default) are taken as that floor.
-    config None: LONG_CHUNK_CONFIG where every log decay is at least LONG_CHUNK_MIN_LOG_DECAY, else DEFAULT_CONFIG.
+    Log decays below log_decay_floor(config) (-14.4 for DEFAULT_CONFIG) are taken as that floor.
+    config None: LONG_CHUNK_CONFIG or SHORT_CHUNK_CONFIG where every log decay is at least its log_decay_floor,
+    else DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
     tensors = (r, w, k, v, u) + (() if initial_state is None else (initial_state,))
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if config is None:
-        # the decay check waits for the GPU, so never while a CUDA graph records
-        long_chunks = device_sync_allowed(r) and w.amin().item() >= LONG_CHUNK_MIN_LOG_DECAY
-        config = LONG_CHUNK_CONFIG if long_chunks else DEFAULT_CONFIG
+        config = DEFAULT_CONFIG
+        if device_sync_allowed(r):  # the decay check waits for the GPU, so never while a CUDA graph records
+            lowest = w.amin().item()
+            config = next((c for c in (LONG_CHUNK_CONFIG, SHORT_CHUNK_CONFIG) if lowest >= log_decay_floor(c)), config)
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv6 import wkv6
 

@@ -59,6 +59,7 @@ class KernelConfig(NamedTuple):
     warps_grad: int = 4  # _bwd_chunk, WKV7 and WKV6 (two programs per SM; 8 warps measured 1.2-1.6x slower)
     round_once: bool = True  # tf32r in the gradient kernel: round each operand once, not in every product
     stages_seq: int | None = None  # WKV7 walks' pipelining stages (None: Triton's; 1-4 measured alike, H100)
+    pair_halves: bool = False  # WKV6: split the in-chunk pair factors per half chunk (a lower decay floor)
 
     def precisions(self) -> tuple[str, str, str]:
         return self.precision_state, self.precision_chunk, self.precision_solve
