@@ -90,8 +90,8 @@ _SYNCS = threading.local()
 
 @contextlib.contextmanager
 def without_device_syncs():
-    """Inside, no op makes a choice that waits for the GPU (WKV6's decay check for its 32-token walks). For what a
-    CUDA graph records, and for the warm-up runs before recording, which must take the same kernels."""
+    """Inside, no op makes a choice that waits for the GPU (WKV6's decay check that picks its chunk length). For
+    what a CUDA graph records, and for the warm-up runs before recording, which must take the same kernels."""
     before = getattr(_SYNCS, "off", False)
     _SYNCS.off = True
     try:

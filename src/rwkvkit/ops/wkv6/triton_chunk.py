@@ -7,8 +7,9 @@ chunk of C tokens that starts from S_0 gives
     S_C = diag(e^{G_C}) S_0 + sum_j (k_j e^{G_C-G_j}) v_j^T
 
 so y = R~ S_0 + M V with a C x C lower-triangular M (the bonus u on its diagonal). As in the WKV7 kernel, the pair
-exponent is split around the chunk's middle token, the sequential walks carry only the state, and the products
-run on tensor cores with operands rounded to tf32 (see rwkvkit.ops.wkv7.triton_chunk for the reasons).
+exponent is split around the chunk's middle token (or, with `pair_halves`, around each half's; log_decay_floor
+says why), the sequential walks carry only the state, and the products run on tensor cores with operands rounded
+to tf32 (see rwkvkit.ops.wkv7.triton_chunk for the reasons).
 
 Kernels: _fwd_state (sequential: keeps every chunk's S_0), _fwd_out (chunk-parallel), _bwd_state (sequential,
 backwards: dL/dS at every chunk end), _bwd_chunk (chunk-parallel: all gradients; du summed afterwards).
@@ -28,9 +29,8 @@ def log_decay_floor(cfg: KernelConfig) -> float:
 
     The in-chunk pair factors e^{G_{t-1}-G_ref} and e^{G_ref-G_j} span up to C/2 + 1 tokens around the chunk's
     middle, C/4 + 1 with `pair_halves` (a reference per half chunk), and e^72 leaves float32 room for the inputs'
-    own size: -4.2 at 32 tokens, -14.4 at 16 with halves, where a channel keeps under 6e-7 of its state per token
-    (a change below float32's resolution of the other terms; its decay gradient there is 0, as for a clamp).
-    """
+    own size: -4.2 at 32 tokens, -8 at 16, -14.4 at 16 with halves, where a channel keeps under 6e-7 of its state
+    per token (a change far below the products' tf32 rounding; the decay gradient there is 0, as for a clamp)."""
     return -72.0 / (cfg.chunk // (4 if cfg.pair_halves else 2) + 1)
 
 
