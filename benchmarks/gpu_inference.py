@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -107,7 +108,7 @@ def copy_bandwidth() -> float:
     """Bytes read + written per second by a device-to-device copy of 1 GiB."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    seconds = _seconds_per_call(lambda: dst.copy_(src), 20)
+    seconds = _seconds_per_call(functools.partial(dst.copy_, src), 20)
     del src, dst
     torch.cuda.empty_cache()
     return 2 * (1 << 30) / seconds
@@ -175,9 +176,9 @@ def measure_ours(path: Path, tokens: int) -> dict:
 
     long_ids = torch.randint(0, VOCAB, (1, PREFILL), device="cuda")
     out["prefill"] = {
-        "eager forward": PREFILL / _seconds_per_call(lambda: last_logits(model, long_ids), 5, warmup=2),
+        "eager forward": PREFILL / _seconds_per_call(functools.partial(last_logits, model, long_ids), 5, warmup=2),
         # pieces replayed as CUDA graphs; the warm-up calls record them
-        "Decoder, CUDA graphs": PREFILL / _seconds_per_call(lambda: dec.prefill(long_ids), 5, warmup=2),
+        "Decoder, CUDA graphs": PREFILL / _seconds_per_call(functools.partial(dec.prefill, long_ids), 5, warmup=2),
     }
     del dec
 
@@ -213,14 +214,14 @@ def _official_worker(spec_path: str, out_path: str) -> None:
             ids = _token_ids(entry["tokens"], 3)
             position = [0]
 
-            def one():
+            def one(forward=model.forward):
                 nonlocal state
-                _, state = model.forward([ids[position[0] % len(ids)]], state)
+                _, state = forward([ids[position[0] % len(ids)]], state)
                 position[0] += 1
 
             decode = 1 / _seconds_per_call(one, entry["tokens"], warmup=5)
             long_ids = _token_ids(PREFILL, 4)
-            prefill = PREFILL / _seconds_per_call(lambda: model.forward(long_ids, None), 3, warmup=1)
+            prefill = PREFILL / _seconds_per_call(functools.partial(model.forward, long_ids, None), 3, warmup=1)
             results[size] = {"logits": torch.stack(got).float().cpu(), "decode": decode, "prefill": prefill}
             del model, state
             torch.cuda.empty_cache()
@@ -307,9 +308,8 @@ def report_rows(size: str, r: dict, bandwidth: float) -> list[str]:
     off_prefill = official.get("prefill")
     for name, rate in ours["prefill"].items():
         ratio = f"{rate / off_prefill:.2f}x" if off_prefill else ""
-        lines.append(
-            f"| {size} | prefill {PREFILL} tokens, {name} | {_fmt(rate)} tok/s | {_fmt(off_prefill)} tok/s | {ratio} | |"
-        )
+        lines.append(f"| {size} | prefill {PREFILL} tokens, {name} | {_fmt(rate)} tok/s | {_fmt(off_prefill)} tok/s "
+                     f"| {ratio} | |")
     if "cold_start" in r:
         lines.append(f"| {size} | cold start to first token (fresh caches) | {r['cold_start']:.1f} s | | | |")
     off_err = f"{r['rel_err_vs_official']:.2e}" if "rel_err_vs_official" in r else "-"
