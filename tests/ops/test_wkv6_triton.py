@@ -153,3 +153,20 @@ def test_default_takes_the_fastest_config_whose_floor_changes_nothing(monkeypatc
         for name, g, w in zip(NAMES, got, want):
             assert rel_err(g, w) < 3e-3, name
         assert seen[-2:] == [config, config]
+
+
+def test_no_decay_check_where_the_gpu_must_not_be_waited_for(monkeypatch):
+    """Inside ops.without_device_syncs (a CUDA graph's warm-up and recording) the default is DEFAULT_CONFIG, whatever
+    the decays: the check would wait for the GPU."""
+    from rwkvkit.ops import without_device_syncs
+
+    seen = []
+    forward = triton_chunk._forward
+    monkeypatch.setattr(triton_chunk, "_forward", lambda *args, **kw: seen.append(args[-1]) or forward(*args, **kw))
+    inputs, state = rwkv6_like_inputs(1, 20, 2, HEAD, seed=9)
+    with torch.no_grad():
+        triton_chunk.wkv6_triton(*inputs, state)
+        with without_device_syncs():
+            triton_chunk.wkv6_triton(*inputs, state)
+        triton_chunk.wkv6_triton(*inputs, state)
+    assert seen == [triton_chunk.LONG_CHUNK_CONFIG, triton_chunk.DEFAULT_CONFIG, triton_chunk.LONG_CHUNK_CONFIG]
