@@ -77,8 +77,8 @@ class TrainArgs:
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """Under torchrun: ddp (replicated weights) or fsdp (FSDP2, one shard group per block); auto = ddp."""
     compile: bool = False
-    """torch.compile each block's ln1 + time-mix and its channel-mix (GPU: ~2x tokens/s; the first step compiles
-    ~1 min)."""
+    """torch.compile each block as two graphs, ln1 + time-mix + residual + ln2 and channel-mix + residual (GPU: ~2x
+    tokens/s; the first step compiles ~1 min)."""
     compile_mode: Literal["default", "reduce-overhead"] = "default"
     """With compile: reduce-overhead also records the compiled parts as CUDA graphs, for short steps whose time
     goes to launching kernels (H100, 0.1B at ctx 512: +34% tokens/s; no gain at ctx 4096). More GPU memory."""
