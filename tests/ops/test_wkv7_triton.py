@@ -212,3 +212,11 @@ def test_a_config_the_kernels_cannot_run_is_named(chunk, grad_chunk):
     cfg = triton_chunk.KernelConfig(chunk=chunk, grad_chunk=grad_chunk)
     with pytest.raises(ConfigError, match=f"chunk={chunk} grad_chunk={grad_chunk}"):
         triton_chunk.wkv7_triton(*inputs, state, config=cfg)
+
+
+def test_a_wkv6_only_option_is_refused():
+    from rwkvkit.errors import ConfigError
+
+    inputs, state = rwkv7_like_inputs(1, 20, 2, HEAD, torch.float32, seed=9)
+    with pytest.raises(ConfigError, match="pair_halves is a WKV6 option"):
+        triton_chunk.wkv7_triton(*inputs, state, config=triton_chunk.KernelConfig(pair_halves=True))

@@ -656,6 +656,10 @@ def wkv7_triton(
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
     config = DEFAULT_CONFIG if config is None else config
+    if config.pair_halves:
+        from rwkvkit.errors import ConfigError
+
+        raise ConfigError("KernelConfig.pair_halves is a WKV6 option; the WKV7 kernels have no such split")
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv7 import wkv7
 
