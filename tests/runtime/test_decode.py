@@ -82,6 +82,15 @@ def test_bad_input_is_a_clear_error(official_models):
         dec.reset(rows=[2])
     with pytest.raises(ConfigError, match="cuda_graph"):
         Decoder(official_models["7"], cuda_graph=True)
+    # prefill checks its prompts and state before running anything (also before any graph is recorded)
+    with pytest.raises(ConfigError, match="prefill got 2 sequences for 1 rows"):
+        dec.prefill(token_ids(2, 5), rows=[0])
+    with pytest.raises(ConfigError, match="state has batch size 2 but the input has 1"):
+        dec.prefill([1, 2, 3], official_models["7"].zero_state(2), rows=[1])
+    with pytest.raises(TokenizerError, match="outside the vocabulary|token id 97"):
+        dec.prefill([1, 97], rows=[1])
+    with pytest.raises(TokenizerError, match="empty token sequence"):
+        dec.prefill([], rows=[1])
 
 
 @torch.no_grad()
