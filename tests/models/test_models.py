@@ -107,6 +107,26 @@ def test_bf16_weights_keep_fp32_state(make_checkpoint, version):
     assert (logits.float() - ref).abs().max() < 0.25
 
 
+def test_v7_hands_the_wkv_op_the_autocast_dtype(monkeypatch):
+    # fp32 parameters promote k, v, a, b and the log decay to fp32 under autocast; the op gets them in bf16 (as the
+    # official trainer's kernels do), while a plain fp32 forward keeps them in fp32
+    import rwkvkit.models.v7 as v7
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append([t.dtype for t in args])
+        return real(*args, **kwargs)
+
+    real = v7.wkv7
+    monkeypatch.setattr(v7, "wkv7", spy)
+    model = build_model(RWKVConfig("7", 1, 32, V, head_size=16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(_tokens(1, 5))[0].float().sum().backward()
+    model(_tokens(1, 5))
+    assert seen == [[torch.bfloat16] * 6, [torch.float32] * 6]
+
+
 def test_state_save_load_and_utilities(tmp_path, make_checkpoint):
     model = load_checkpoint(make_checkpoint("6")).eval()
     with torch.no_grad():

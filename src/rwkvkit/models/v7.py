@@ -81,7 +81,12 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (a - 1) * self.k_a)
         r, k, v, a = (t.view(B, T, H, N) for t in (r, k, v, a))
-        y, state = wkv7(r, log_decay.view(B, T, H, N), k, v, -kk, kk * a, initial_state=state)
+        a, b, log_decay = -kk, kk * a, log_decay.view(B, T, H, N)
+        if torch.is_autocast_enabled(x.device.type):
+            # the fp32 parameters promoted these to fp32; the op takes the autocast dtype, as the official
+            # trainer's kernels do: half the bytes for the WKV kernels, which read their inputs several times
+            k, v, a, b, log_decay = (t.to(r.dtype) for t in (k, v, a, b, log_decay))
+        y, state = wkv7(r, log_decay, k, v, a, b, initial_state=state)
 
         y = group_norm(y.reshape(B, T, C), self.ln_x)
         # r_k bonus: the current token's own value, weighted per head by <r, k * r_k>
