@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rwkvkit.models import RWKVConfig, build_model
+from rwkvkit.ops.testing import rel_rms
 from rwkvkit.train.estimate import estimate, parse_count
 from rwkvkit.train.loss import L2WRAP_FACTOR, lm_loss, reference_lm_loss
 from rwkvkit.train.optim import build_optimizer, param_groups
@@ -90,6 +91,20 @@ def test_fused_loss_matches_autograd_reference(chunk, masked):
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_fused_loss_in_bf16_on_cuda_accumulates_the_head_gradient_in_fp32():
+    # CUDA adds each chunk's head-gradient product into the float32 sum in one cuBLAS call (`out_dtype`)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3000, 64, generator=g).cuda().requires_grad_()
+    w = (torch.randn(500, 64, generator=g) * 0.3).cuda().requires_grad_()
+    t = torch.randint(0, 500, (3000,), generator=g).cuda()
+    gh, gw = torch.autograd.grad(lm_loss(h, w, t, chunk=700, compute_dtype=torch.bfloat16), (h, w))
+    ref = reference_lm_loss(h, w, t)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    assert gw.dtype == torch.float32
+    assert rel_rms(gw, rw) < 1e-2 and rel_rms(gh, rh) < 1e-2
 
 
 def test_loss_value_is_plain_cross_entropy_and_ignores_negative_targets():

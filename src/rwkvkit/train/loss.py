@@ -49,7 +49,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if want_h:
                 grad_hidden[s : s + chunk] = (g @ w).to(hidden.dtype)
             if want_w:
-                grad_weight += (g.t() @ h).float()
+                _add_product_fp32(grad_weight, g.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_w else None)
         return total
 
@@ -58,6 +58,18 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
         return scale(grad_hidden), scale(grad_weight), None, None, None, None
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for a float32 acc and 16-bit a, b: on CUDA one cuBLAS call that adds into acc (torch's
+    `out_dtype`), not a 16-bit product widened and then added (two more passes over a head-sized tensor per chunk)."""
+    if acc.is_cuda and a.dtype != acc.dtype:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except TypeError:  # a torch without out_dtype
+            pass
+    acc += (a @ b).to(acc.dtype)
 
 
 def lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
