@@ -20,13 +20,17 @@ says how to change that).
 
 Kernels, "chunk-parallel" ones with one program per (chunk, batch*head), "sequential" ones with one program per
 (value block, batch*head) walking the chunks with the state in registers:
-  _fwd_prep  (chunk-parallel) the state-free parts of U: wa = solve A~ and uv = solve M_ak V
+  _fwd_prep  (chunk-parallel) the state-free parts of U: wa = solve A~ and uv = solve M_ak V; the decayed keys
+                              B_e, K_e and e^{G_C} the walk needs
   _fwd_state (sequential)     U = uv + wa S_0^T and the next state; keeps every chunk's S_0 and U for later
   _fwd_out   (chunk-parallel) y from S_0, U and the in-chunk pairs; the states at the gradient sub-chunk starts
-  _bwd_prep  (chunk-parallel) the state-free parts of dW = solve^T dU
+  _bwd_prep  (chunk-parallel) the state-free parts of dW = solve^T dU; R~, A~ and e^{G_C} for the walk
   _bwd_state (sequential)     dW and dL/dS at every chunk end (and dL/dS_0 for initial_state), walking back
   _bwd_substates (chunk-parallel) dL/dS at the sub-chunk ends inside each chunk
   _bwd_chunk (chunk-parallel) all input gradients of a sub-chunk from its S_0, dS_C, U and dW
+The walks are the sequential part, so everything in them that does not need the state is done before, in the
+chunk-parallel kernels: they load decayed operands in float32 instead of raw inputs (H100, 0.1B shape: the forward
+walk 0.60 -> 0.41 ms).
 The gradient kernel works on sub-chunks (`grad_chunk`, 16 tokens) of the walks' chunks (`chunk`, 32): u_t and its
 gradient dW_t do not depend on the chunking, so only the states at the sub-chunk boundaries are needed extra.
 Padding tokens past T load as zeros (w = 0: decay 1, no update), so a partial last chunk needs no special case.
@@ -147,11 +151,12 @@ def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexp
 
 @triton.jit
 def _fwd_prep(
-    w, k, v, a, b, wa, uv,
+    w, k, v, a, b, wa, uv, b_end, k_end, e_end_c,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr,
 ):  # fmt: skip
-    """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V."""
+    """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V;
+    and for the walk's S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e: B_e, K_e and e^{G_C}."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     cols_k = tl.arange(0, K)
@@ -171,11 +176,14 @@ def _fwd_prep(
     tl.store(wa + scratch * K + cols_k[None, :], _dot(solve, aa * e_gp, PC))
     m_ak_v = _dot(m_ak, vv, PC)
     tl.store(uv + scratch * V + cols_v[None, :], _dot(solve, m_ak_v, PC))
+    tl.store(b_end + scratch * K + cols_k[None, :], bb * e_end_g)
+    tl.store(k_end + scratch * K + cols_k[None, :], kk * e_end_g)
+    tl.store(e_end_c + (i_bh * tl.cdiv(T, C) + i_t) * K + cols_k, e_end)
 
 
 @triton.jit
 def _fwd_state(
-    w, k, v, b, wa, uv, u, s0, states, s_final,
+    v, wa, uv, b_end, k_end, e_end_c, u, s0, states, s_final,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
 ):  # fmt: skip
@@ -194,20 +202,17 @@ def _fwd_state(
         tl.store(states + (i_bh * n_chunks + i_t) * (C // SUB) * V * K + s_offs, S)
         tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
         scratch = i_bh * n_chunks * C + tok[:, None]
-        ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
-        kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
-        bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
         vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
         w_a = tl.load(wa + scratch * K + cols_k[None, :])
         U = tl.load(uv + scratch * V + cols_v[None, :])
-        G = tl.cumsum(ww, 0)
-        g_end = tl.sum(ww, 0)
-        e_end_g = tl.exp(g_end[None, :] - G)
+        b_e = tl.load(b_end + scratch * K + cols_k[None, :])
+        k_e = tl.load(k_end + scratch * K + cols_k[None, :])
+        e_end = tl.load(e_end_c + (i_bh * n_chunks + i_t) * K + cols_k)
         U += _dot(w_a, tl.trans(S), PS)
         tl.store(u + scratch * V + cols_v[None, :], U)
-        S = S * tl.exp(g_end)[None, :]
-        S += _dot(tl.trans(U), bb * e_end_g, PS)
-        S += _dot(tl.trans(vv), kk * e_end_g, PS)
+        S = S * e_end[None, :]
+        S += _dot(tl.trans(U), b_e, PS)
+        S += _dot(tl.trans(vv), k_e, PS)
     tl.store(s_final + i_bh * V * K + s_offs, S)
 
 
@@ -253,11 +258,12 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_prep(
-    r, w, a, b, dy, p1, wb,
+    r, w, a, b, dy, p1, wb, r_s, a_s, e_end_c,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr,
 ):  # fmt: skip
-    """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T."""
+    """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T; and for the
+    walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     cols_k = tl.arange(0, K)
@@ -277,11 +283,14 @@ def _bwd_prep(
     du_y = _dot(tl.trans(m_rb), do, PC)
     tl.store(p1 + scratch * V + cols_v[None, :], _dot(solve_t, du_y, PC))
     tl.store(wb + scratch * K + cols_k[None, :], _dot(solve_t, bb * e_end_g, PC))
+    tl.store(r_s + scratch * K + cols_k[None, :], rr * e_g)
+    tl.store(a_s + scratch * K + cols_k[None, :], aa * e_gp)
+    tl.store(e_end_c + (i_bh * tl.cdiv(T, C) + i_t) * K + cols_k, e_end)
 
 
 @triton.jit
 def _bwd_state(
-    r, w, a, dy, p1, wb, dw_u, ds_final, dstates, ds0,
+    dy, p1, wb, r_s, a_s, e_end_c, dw_u, ds_final, dstates, ds0,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
 ):  # fmt: skip
@@ -301,18 +310,17 @@ def _bwd_state(
         tl.store(dstates + ((i_bh * n_chunks + i_t + 1) * (C // SUB) - 1) * V * K + s_offs, dS)
         tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
         scratch = i_bh * n_chunks * C + tok[:, None]
-        rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
-        ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
-        aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
         do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
         w_b = tl.load(wb + scratch * K + cols_k[None, :])
         dW = tl.load(p1 + scratch * V + cols_v[None, :])
-        G = tl.cumsum(ww, 0)
+        r_e = tl.load(r_s + scratch * K + cols_k[None, :])
+        a_e = tl.load(a_s + scratch * K + cols_k[None, :])
+        e_end = tl.load(e_end_c + (i_bh * n_chunks + i_t) * K + cols_k)
         dW += _dot(w_b, tl.trans(dS), PS)
         tl.store(dw_u + scratch * V + cols_v[None, :], dW)
-        dS = dS * tl.exp(tl.sum(ww, 0))[None, :]
-        dS += _dot(tl.trans(do), rr * tl.exp(G), PS)
-        dS += _dot(tl.trans(dW), aa * tl.exp(G - ww), PS)
+        dS = dS * e_end[None, :]
+        dS += _dot(tl.trans(do), r_e, PS)
+        dS += _dot(tl.trans(dW), a_e, PS)
     if WANT_DS0:
         tl.store(ds0 + i_bh * V * K + s_offs, dS)
 
@@ -498,16 +506,18 @@ def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig, for_grad: bool = True):
     sub = cfg.grad_chunk if for_grad else C
     ps, pc, pi = cfg.precisions()
     f32 = dict(device=r.device, dtype=torch.float32)
-    wa = torch.empty(B, H, n_chunks * C, K, **f32)
+    wa, b_end, k_end = (torch.empty(B, H, n_chunks * C, K, **f32) for _ in range(3))
     uv = torch.empty(B, H, n_chunks * C, V, **f32)
     u = torch.empty(B, H, n_chunks * C, V, **f32)
+    e_end = torch.empty(B, H, n_chunks, K, **f32)
     states = torch.empty(B, H, n_chunks * (C // sub), V, K, **f32)
     s_final = torch.empty(B, H, V, K, **f32)
     y = torch.empty_like(v, dtype=r.dtype)
     chunks = (n_chunks, B * H)
-    _fwd_prep[chunks](w, k, v, a, b, wa, uv, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
+    _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, T, H, K, V, C, _log2(C), pc, pi,
+                      num_warps=cfg.warps_chunk)
     _fwd_state[(V // bv, B * H)](
-        w, k, v, b, wa, uv, u, s0 if s0 is not None else s_final, states, s_final,
+        v, wa, uv, b_end, k_end, e_end, u, s0 if s0 is not None else s_final, states, s_final,
         T, H, K, V, bv, C, sub, ps, HAS_S0=s0 is not None, **_seq_launch(cfg),
     )  # fmt: skip
     _fwd_out[chunks](r, w, k, v, b, u, states, y, T, H, K, V, C, sub, ps, pc, num_warps=cfg.warps_chunk)
@@ -521,13 +531,16 @@ def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: Ke
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
     p1 = torch.empty_like(u)
     dw_u = torch.empty_like(u)
-    wb = torch.empty(B, H, n_chunks * C, K, device=r.device, dtype=torch.float32)
+    f32 = dict(device=r.device, dtype=torch.float32)
+    wb, r_s, a_s = (torch.empty(B, H, n_chunks * C, K, **f32) for _ in range(3))
+    e_end = torch.empty(B, H, n_chunks, K, **f32)
     dstates = torch.empty_like(states)
-    ds0 = torch.empty(B, H, V, K, device=r.device, dtype=torch.float32) if want_ds0 else dstates
+    ds0 = torch.empty(B, H, V, K, **f32) if want_ds0 else dstates
     chunks = (n_chunks, B * H)
-    _bwd_prep[chunks](r, w, a, b, dy, p1, wb, T, H, K, V, C, _log2(C), pc, pi, num_warps=cfg.warps_chunk)
+    _bwd_prep[chunks](r, w, a, b, dy, p1, wb, r_s, a_s, e_end, T, H, K, V, C, _log2(C), pc, pi,
+                      num_warps=cfg.warps_chunk)
     _bwd_state[(V // bv, B * H)](
-        r, w, a, dy, p1, wb, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
+        dy, p1, wb, r_s, a_s, e_end, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
         T, H, K, V, bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **_seq_launch(cfg),
     )  # fmt: skip
     if sub < C:
