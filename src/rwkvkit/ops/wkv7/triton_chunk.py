@@ -25,8 +25,7 @@ Kernels, "chunk-parallel" ones with one program per (chunk, batch*head), "sequen
   _fwd_state (sequential)     U = uv + wa S_0^T and the next state; keeps every chunk's S_0 and U for later
   _fwd_out   (chunk-parallel) y from S_0, U and the in-chunk pairs; the states at the gradient sub-chunk starts
   _bwd_prep  (chunk-parallel) the state-free parts of dW = solve^T dU; R~, A~ and e^{G_C} for the walk
-  _bwd_state (sequential)     dW and dL/dS at every chunk end (and dL/dS_0 for initial_state), walking back
-  _bwd_substates (chunk-parallel) dL/dS at the sub-chunk ends inside each chunk
+  _bwd_state (sequential)     dW and dL/dS at every chunk end and sub-chunk boundary (and dL/dS_0), walking back
   _bwd_chunk (chunk-parallel) all input gradients of a sub-chunk from its S_0, dS_C, U and dW
 The walks are the sequential part, so everything in them that does not need the state is done before, in the
 chunk-parallel kernels: they load decayed operands in float32 instead of raw inputs (H100, 0.1B shape: the forward
@@ -258,9 +257,9 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_prep(
-    r, w, a, b, dy, p1, wb, r_s, a_s, e_end_c,
+    r, w, a, b, dy, p1, wb, r_s, a_s, e_end_c, g_sub,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr,
 ):  # fmt: skip
     """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T; and for the
     walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}."""
@@ -286,15 +285,19 @@ def _bwd_prep(
     tl.store(r_s + scratch * K + cols_k[None, :], rr * e_g)
     tl.store(a_s + scratch * K + cols_k[None, :], aa * e_gp)
     tl.store(e_end_c + (i_bh * tl.cdiv(T, C) + i_t) * K + cols_k, e_end)
+    G = tl.cumsum(ww, 0)
+    for m in tl.static_range(1, C // SUB):  # G at the sub-chunk boundaries, for the walk's dL/dS there
+        tl.store(g_sub + ((i_bh * tl.cdiv(T, C) + i_t) * (C // SUB) + m) * K + cols_k, _row(G, m * SUB - 1, C))
 
 
 @triton.jit
 def _bwd_state(
-    dy, p1, wb, r_s, a_s, e_end_c, dw_u, ds_final, dstates, ds0,
+    dy, p1, wb, r_s, a_s, e_end_c, g_sub, dw_u, ds_final, dstates, ds0,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
 ):  # fmt: skip
-    """dL/dS at each chunk end, walking back: dW = p1 + wb dS_C^T, dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~."""
+    """dL/dS at each chunk end, walking back: dW = p1 + wb dS_C^T, dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~;
+    and at the SUB-token sub-chunk boundaries inside each chunk (the states the gradient kernel starts from)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(T, C)
@@ -318,44 +321,20 @@ def _bwd_state(
         e_end = tl.load(e_end_c + (i_bh * n_chunks + i_t) * K + cols_k)
         dW += _dot(w_b, tl.trans(dS), PS)
         tl.store(dw_u + scratch * V + cols_v[None, :], dW)
+        # dL/dS at the inner sub-chunk boundaries p (for the gradient kernel); off the walk's dependency chain:
+        # dS_p = dS_C diag(e^{G_C-G_p}) + sum_{t>=p} dy_t (r_t e^{G_t-G_p})^T + dW_t (a_t e^{G_{t-1}-G_p})^T
+        for m in tl.static_range(1, C // SUB):
+            inv_p = tl.exp(-tl.load(g_sub + ((i_bh * n_chunks + i_t) * (C // SUB) + m) * K + cols_k))
+            after = (tl.arange(0, C) >= m * SUB)[:, None]
+            dS_p = dS * (e_end * inv_p)[None, :]
+            dS_p += _dot(tl.trans(do), tl.where(after, r_e * inv_p[None, :], 0.0), PS)
+            dS_p += _dot(tl.trans(dW), tl.where(after, a_e * inv_p[None, :], 0.0), PS)
+            tl.store(dstates + ((i_bh * n_chunks + i_t) * (C // SUB) + m - 1) * V * K + s_offs, dS_p)
         dS = dS * e_end[None, :]
         dS += _dot(tl.trans(do), r_e, PS)
         dS += _dot(tl.trans(dW), a_e, PS)
     if WANT_DS0:
         tl.store(ds0 + i_bh * V * K + s_offs, dS)
-
-
-@triton.jit
-def _bwd_substates(
-    r, w, a, dy, dw_u, dstates,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr,
-):  # fmt: skip
-    """dL/dS at the ends of a chunk's SUB-token sub-chunks but the last (the walk stores that one): from boundary p,
-    dS_p = dS_C diag(e^{G_C-G_p}) + sum_{t>=p} dy_t r_t^T e^{G_t-G_p} + dW_t a_t^T e^{G_{t-1}-G_p}."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    n_chunks = tl.cdiv(T, C)
-    rows = tl.arange(0, C)
-    cols_k = tl.arange(0, K)
-    cols_v = tl.arange(0, V)
-    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
-    rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
-    aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
-    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
-    dW = tl.load(dw_u + (i_bh * n_chunks * C + tok[:, None]) * V + cols_v[None, :])
-    G = tl.cumsum(ww, 0)
-    g_end = tl.sum(ww, 0)
-    p_state = (i_bh * n_chunks + i_t) * (C // SUB) * V * K + cols_v[:, None] * K + cols_k[None, :]
-    dSC = tl.load(dstates + p_state + (C // SUB - 1) * V * K)
-    for m in tl.static_range(1, C // SUB):
-        g_p = _row(G, m * SUB - 1, C)
-        after = (rows >= m * SUB)[:, None]
-        r_p = tl.where(after, rr * tl.exp(G - g_p[None, :]), 0.0)
-        a_p = tl.where(after, aa * tl.exp(G - ww - g_p[None, :]), 0.0)
-        dS_p = dSC * tl.exp(g_end - g_p)[None, :] + _dot(tl.trans(do), r_p, PS) + _dot(tl.trans(dW), a_p, PS)
-        tl.store(dstates + p_state + (m - 1) * V * K, dS_p)
 
 
 @triton.jit
@@ -534,17 +513,16 @@ def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: Ke
     f32 = dict(device=r.device, dtype=torch.float32)
     wb, r_s, a_s = (torch.empty(B, H, n_chunks * C, K, **f32) for _ in range(3))
     e_end = torch.empty(B, H, n_chunks, K, **f32)
+    g_sub = torch.empty(B, H, n_chunks, C // sub, K, **f32)
     dstates = torch.empty_like(states)
     ds0 = torch.empty(B, H, V, K, **f32) if want_ds0 else dstates
     chunks = (n_chunks, B * H)
-    _bwd_prep[chunks](r, w, a, b, dy, p1, wb, r_s, a_s, e_end, T, H, K, V, C, _log2(C), pc, pi,
+    _bwd_prep[chunks](r, w, a, b, dy, p1, wb, r_s, a_s, e_end, g_sub, T, H, K, V, C, sub, _log2(C), pc, pi,
                       num_warps=cfg.warps_chunk)
     _bwd_state[(V // bv, B * H)](
-        dy, p1, wb, r_s, a_s, e_end, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
+        dy, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
         T, H, K, V, bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **_seq_launch(cfg),
     )  # fmt: skip
-    if sub < C:
-        _bwd_substates[chunks](r, w, a, dy, dw_u, dstates, T, H, K, V, C, sub, ps, num_warps=cfg.warps_chunk)
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     round_once = cfg.round_once and ps == pc == "tf32r"
     ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
