@@ -127,6 +127,17 @@ def test_v7_hands_the_wkv_op_the_autocast_dtype(monkeypatch):
     assert seen == [[torch.bfloat16] * 6, [torch.float32] * 6]
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_layer_norm_outputs_take_the_autocast_dtype_and_the_residual_stays_fp32(version):
+    # under autocast LayerNorm returns fp32; its outputs only feed 16-bit matmuls, so they are 16-bit from the start
+    model = build_model(RWKVConfig(version, 1, 32, V, head_size=16))
+    block, state = model.blocks[0], model.zero_state(1)
+    x = torch.randn(1, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_out, xf, att_last, _, _ = block.time_mix_residual(x, state.att_x[0], state.wkv[0], None)
+    assert x_out.dtype == torch.float32 and xf.dtype == att_last.dtype == torch.bfloat16
+
+
 def test_state_save_load_and_utilities(tmp_path, make_checkpoint):
     model = load_checkpoint(make_checkpoint("6")).eval()
     with torch.no_grad():

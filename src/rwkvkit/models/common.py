@@ -227,6 +227,15 @@ def token_shift(x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
     return torch.cat((x_prev.unsqueeze(1), x[:, :-1]), dim=1)
 
 
+def in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on (else unchanged). LayerNorm and fp32 parameters give fp32 under
+    autocast; what only feeds 16-bit matmuls and kernels can be 16-bit from the start: half the bytes in every
+    kernel that reads it, and in what backward keeps of it."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 class Block(nn.Module):
     """One layer: pre-LN time-mix and channel-mix with residuals. Block 0 also owns ln0 (applied to the embedding)."""
 
@@ -248,10 +257,10 @@ class Block(nn.Module):
     def time_mix_residual(self, x, att_x, wkv, v_first):
         """ln1, time-mix and residual, and ln2 of the result: in training one compiled graph (compile_blocks), in
         which the residual stream's two gradients (through ln2, and past it) meet."""
-        xa = self.ln1(x)
+        xa = in_autocast_dtype(self.ln1(x))
         out, wkv, v_first = self.att(xa, att_x.to(xa.dtype), wkv, v_first)
         x = x + out
-        return x, self.ln2(x), xa[:, -1], wkv, v_first
+        return x, in_autocast_dtype(self.ln2(x)), xa[:, -1], wkv, v_first
 
     def channel_mix_residual(self, x, xf, ffn_x):
         return x + self.ffn(xf, ffn_x.to(xf.dtype))

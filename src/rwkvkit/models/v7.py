@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkvkit.models.common import RWKVConfig, RWKVModel, channel_ramp, group_norm, token_shift
+from rwkvkit.models.common import RWKVConfig, RWKVModel, channel_ramp, group_norm, in_autocast_dtype, token_shift
 from rwkvkit.ops.wkv7 import wkv7
 
 # decay = exp(-e^{-0.5} * sigmoid(w_raw)) lies in (0.545, 1): the log-decay handed to the op is -e^{-0.5}*sigmoid.
@@ -81,11 +81,8 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (a - 1) * self.k_a)
         r, k, v, a = (t.view(B, T, H, N) for t in (r, k, v, a))
-        a, b, log_decay = -kk, kk * a, log_decay.view(B, T, H, N)
-        if torch.is_autocast_enabled(x.device.type):
-            # the fp32 parameters promoted these to fp32; the op takes the autocast dtype, as the official
-            # trainer's kernels do: half the bytes for the WKV kernels, which read their inputs several times
-            k, v, a, b, log_decay = (t.to(r.dtype) for t in (k, v, a, b, log_decay))
+        # the WKV kernels read their inputs several times; the official trainer's kernels take them in bf16 too
+        k, v, a, b, log_decay = (in_autocast_dtype(t) for t in (k, v, -kk, kk * a, log_decay.view(B, T, H, N)))
         y, state = wkv7(r, log_decay, k, v, a, b, initial_state=state)
 
         y = group_norm(y.reshape(B, T, C), self.ln_x)
