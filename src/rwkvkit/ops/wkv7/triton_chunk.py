@@ -519,8 +519,9 @@ def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: Ke
     chunks = (n_chunks, B * H)
     _bwd_prep[chunks](r, w, a, b, dy, p1, wb, r_s, a_s, e_end, g_sub, T, H, K, V, C, sub, _log2(C), pc, pi,
                       num_warps=cfg.warps_chunk)
+    ds_in = ds_final.contiguous() if ds_final is not None else dstates  # (a placeholder when there is none)
     _bwd_state[(V // bv, B * H)](
-        dy, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
+        dy, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0,
         T, H, K, V, bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **_seq_launch(cfg),
     )  # fmt: skip
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
