@@ -158,6 +158,13 @@ class State:
     def detach(self) -> State:
         return State(self.att_x.detach(), self.wkv.detach(), self.ffn_x.detach(), self.version)
 
+    def copy_(self, other: State) -> State:
+        """Copy other's tensors into this state's own, in place (static buffers of CUDA graphs); returns self."""
+        self.att_x.copy_(other.att_x)
+        self.wkv.copy_(other.wkv)
+        self.ffn_x.copy_(other.ffn_x)
+        return self
+
     def select(self, index) -> State:
         """The states of some batch rows (an int, slice, list or index tensor)."""
         if isinstance(index, int):

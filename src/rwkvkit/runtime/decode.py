@@ -177,8 +177,7 @@ class Decoder:
         if self._fused is not None:
             return self._fused.step(self._tokens, self._state)
         hidden, new = self.model.run_unchecked(self._tokens, self._state, self._run_block)
-        for name in ("att_x", "wkv", "ffn_x"):
-            getattr(self._state, name).copy_(getattr(new, name))
+        self._state.copy_(new)
         return self.model.head(hidden[:, -1])
 
     def _capture(self) -> None:
@@ -265,7 +264,7 @@ class _PiecePrefill:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # piece length -> (graph, ids)
 
     def __call__(self, idx: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        _copy_state(self.state, state if state is not None else self.model.zero_state(idx.shape[0]))
+        self.state.copy_(state if state is not None else self.model.zero_state(idx.shape[0]))
         start, T = 0, idx.shape[1]
         for piece in PREFILL_PIECES:
             while T - start >= piece:
@@ -280,7 +279,7 @@ class _PiecePrefill:
 
     def _run(self, ids: torch.Tensor) -> None:
         hidden, new_state = self.model.run_unchecked(ids, self.state)
-        _copy_state(self.state, new_state)
+        self.state.copy_(new_state)
         self.logits.copy_(self.model.head(hidden[:, -1]))
 
     def _record(self, piece: int):
@@ -296,14 +295,9 @@ class _PiecePrefill:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 self._run(ids)
-        _copy_state(self.state, saved)
+        self.state.copy_(saved)
         self.graphs[piece] = graph, ids
         return graph, ids
-
-
-def _copy_state(dst: State, src: State) -> None:
-    for name in ("att_x", "wkv", "ffn_x"):
-        getattr(dst, name).copy_(getattr(src, name))
 
 
 def _allow_recompiles_per_decoder() -> None:
