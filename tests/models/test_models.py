@@ -154,6 +154,8 @@ def test_state_save_load_and_utilities(tmp_path, make_checkpoint):
     wkv_buffer = buffers.wkv
     assert buffers.copy_(state) is buffers and buffers.wkv is wkv_buffer  # in place, into its own tensors
     assert torch.equal(buffers.wkv, state.wkv) and torch.equal(buffers.ffn_x, state.ffn_x)
+    with pytest.raises(ConfigError, match="different model or batch size"):
+        zeros.copy_(state)
     v4 = State.zeros(RWKVConfig("4", n_layer=2, n_embd=64, vocab_size=V), 1)
     assert v4.wkv.shape == (2, 1, 3, 64) and (v4.wkv[:, :, 2] < -1e37).all()
     with pytest.raises(ConfigError, match="RWKV-6"):

@@ -160,6 +160,9 @@ class State:
 
     def copy_(self, other: State) -> State:
         """Copy other's tensors into this state's own, in place (static buffers of CUDA graphs); returns self."""
+        if other.wkv.shape != self.wkv.shape or other.att_x.shape != self.att_x.shape:
+            raise ConfigError(f"cannot copy a state of shape {list(other.wkv.shape)} (WKV) into one of "
+                              f"{list(self.wkv.shape)}: different model or batch size")
         self.att_x.copy_(other.att_x)
         self.wkv.copy_(other.wkv)
         self.ffn_x.copy_(other.ffn_x)
