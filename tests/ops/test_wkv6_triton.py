@@ -118,6 +118,41 @@ def test_default_config_bf16():
     assert rel_err(s_final, s_ref) < 2e-3
 
 
+
+def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
+    """As for WKV7: with 16-bit inputs and gradients the saved per-chunk states and state gradients are bf16, and
+    every output and gradient stays near the bf16 rounding of the float64 loop, and near float32 saved states."""
+    T = 45
+    inputs, state = rwkv6_like_inputs(1, T, 2, HEAD, seed=12)
+    inputs = [x.bfloat16() for x in inputs[:4]] + [inputs[4]]
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
+    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
+    want = run(wkv6_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
+    saved = []
+    forward = triton_chunk._forward
+
+    def spy(*args, **kw):
+        out = forward(*args, **kw)
+        saved.append(out[2].dtype)
+        return out
+
+    monkeypatch.setattr(triton_chunk, "_forward", spy)
+    for name in ("empty", "empty_like"):  # NaN-filled buffers: an element the kernels forget to write shows up
+        alloc = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    errors = {}
+    for half in (True, False):
+        cfg = triton_chunk.DEFAULT_CONFIG._replace(half_saved_states=half)
+        got = run(lambda *x, cfg=cfg: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
+        errors[half] = [rel_err(g, w) for g, w in zip(got, want)]
+    monkeypatch.undo()
+    assert saved == [torch.bfloat16, torch.float32]
+    for name, half, full, w in zip(NAMES, errors[True], errors[False], want):
+        floor = rel_err(w.bfloat16(), w)
+        # the issue's accuracy goal at the real head size (in the interpreter at N = 16, float32 states give ~2x)
+        assert half <= 1.35 * full and (half < 1.2 * floor or not ON_GPU), (name, half / floor, full / floor)
+
+
 def test_default_config_gradients_float32_within_tf32_rounding():
     """The default config's gradient kernel (operands rounded to tf32 once each) against the naive loop."""
     T = 29

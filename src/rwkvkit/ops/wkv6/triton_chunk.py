@@ -22,7 +22,9 @@ import triton
 import triton.language as tl
 
 from rwkvkit.ops import check_triton_device, device_sync_allowed
-from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, _dot, _round_to_tf32, _row, _shapes, _supported, _tile_offsets
+from rwkvkit.ops.wkv7.triton_chunk import (
+    KernelConfig, _dot, _round_to_tf32, _row, _saved_dtype, _shapes, _supported, _tile_offsets,
+)
 
 def log_decay_floor(cfg: KernelConfig) -> float:
     """The lowest log decay the kernels use with this config; lower ones are taken as this value.
@@ -138,7 +140,7 @@ def _fwd_out(
     cols_v = tl.arange(0, V)
     tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
     p_state = (i_bh * n_chunks + i_t) * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
-    S0 = tl.load(states + p_state)
+    S0 = tl.load(states + p_state).to(tl.float32)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     ww = _load_log_decay(w, pk, live, W_MIN)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
@@ -208,7 +210,7 @@ def _bwd_substates(
     G = tl.cumsum(ww, 0)
     g_end = tl.sum(ww, 0)
     p_state = (i_bh * n_chunks + i_t) * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
-    dSC = tl.load(dstates + p_state + (C // SUB - 1) * K * V)
+    dSC = tl.load(dstates + p_state + (C // SUB - 1) * K * V).to(tl.float32)
     for i_sub in tl.static_range(1, C // SUB):
         g_p = _row(G, i_sub * SUB - 1, C)
         r_p = tl.where((rows >= i_sub * SUB)[:, None], rr * tl.exp(G - ww - g_p[None, :]), 0.0)
@@ -273,7 +275,7 @@ def _bwd_chunk(
         d_m_in = _round_to_tf32(d_m_in)
     tl.store(du_parts + (i_bh * n_chunks + i_t) * K + cols_k, tl.sum(d_bonus * rr * kk, 0))
     # the parts that meet dS_C: v, and k through S_C = diag(e^{G_C}) S_0 + K_e^T V
-    dSC = tl.load(dstates + p_state)
+    dSC = tl.load(dstates + p_state).to(tl.float32)
     if ROUND_ONCE:
         dSC = _round_to_tf32(dSC)
     d_v = _dot(tl.trans(m), do, PC) + _dot(k_e, dSC, PS)
@@ -292,7 +294,7 @@ def _bwd_chunk(
     tl.store(dk + pk, d_k.to(dk.dtype.element_ty), mask=live)
     d_gend = tl.sum(kk * d_k_end, 0)
     # the parts that meet S_0: r through y = R~ S_0 + M V
-    S0 = tl.load(states + p_state)
+    S0 = tl.load(states + p_state).to(tl.float32)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
     if ROUND_ONCE:
         S0 = _round_to_tf32(S0)
@@ -306,7 +308,8 @@ def _bwd_chunk(
         d_r += d_r_x * a_x
         d_gprev += d_r_x * r_x
     tl.store(dr + pk, d_r.to(dr.dtype.element_ty), mask=live)
-    d_gend += tl.sum(tl.load(dstates + p_state) * tl.load(states + p_state), 1) * tl.exp(g_end)
+    s_pair = tl.load(dstates + p_state).to(tl.float32) * tl.load(states + p_state).to(tl.float32)
+    d_gend += tl.sum(s_pair, 1) * tl.exp(g_end)
     # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C
     d_w = tl.cumsum(d_gcur, 0, reverse=True) + tl.cumsum(d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
     floored = tl.load(w + pk, mask=live, other=0.0).to(tl.float32) < ww
@@ -325,7 +328,8 @@ def _forward(r, w, k, v, u, s0, cfg: KernelConfig, for_grad: bool = True):
     sub = cfg.grad_chunk if for_grad else cfg.chunk
     ps, pc, _ = cfg.precisions()
     w_min = log_decay_floor(cfg)
-    states = torch.empty(B, H, n_chunks * (cfg.chunk // sub), K, V, device=r.device, dtype=torch.float32)
+    saved = _saved_dtype(r, cfg, for_grad)
+    states = torch.empty(B, H, n_chunks * (cfg.chunk // sub), K, V, device=r.device, dtype=saved)
     s_final = torch.empty(B, H, K, V, device=r.device, dtype=torch.float32)
     y = torch.empty_like(v, dtype=r.dtype)
     _fwd_state[(V // bv, B * H)](
