@@ -224,10 +224,11 @@ def _bwd_chunk(
     dr, dw, dk, dv, du_parts,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
-    W_MIN: tl.constexpr, HALVES: tl.constexpr,
+    ROUND_STATES: tl.constexpr, W_MIN: tl.constexpr, HALVES: tl.constexpr,
 ):  # fmt: skip
     """All input gradients of one chunk (du as per-chunk parts). Like WKV7's: each gradient is stored once complete,
-    dS_C and S_0 are loaded in turn, the decay gradient is summed from x * dx, ROUND_ONCE rounds operands once.
+    dS_C and S_0 are loaded in turn, the decay gradient is summed from x * dx, ROUND_ONCE rounds operands once
+    (ROUND_STATES the states too: not when they are bf16).
     C tokens per program; states and du parts are laid out by the walks' WALK-token chunks (C divides WALK)."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -276,7 +277,7 @@ def _bwd_chunk(
     tl.store(du_parts + (i_bh * n_chunks + i_t) * K + cols_k, tl.sum(d_bonus * rr * kk, 0))
     # the parts that meet dS_C: v, and k through S_C = diag(e^{G_C}) S_0 + K_e^T V
     dSC = tl.load(dstates + p_state).to(tl.float32)
-    if ROUND_ONCE:
+    if ROUND_STATES:
         dSC = _round_to_tf32(dSC)
     d_v = _dot(tl.trans(m), do, PC) + _dot(k_e, dSC, PS)
     tl.store(dv + pv, d_v.to(dv.dtype.element_ty), mask=live)
@@ -295,9 +296,11 @@ def _bwd_chunk(
     d_gend = tl.sum(kk * d_k_end, 0)
     # the parts that meet S_0: r through y = R~ S_0 + M V
     S0 = tl.load(states + p_state).to(tl.float32)
+    d_gend += tl.sum(tl.load(dstates + p_state).to(tl.float32) * S0, 1) * tl.exp(g_end)  # (early, as in WKV7)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
-    if ROUND_ONCE:
+    if ROUND_STATES:
         S0 = _round_to_tf32(S0)
+    if ROUND_ONCE:
         do = _round_to_tf32(do)
     d_r_state = _dot(do, tl.trans(S0), PS) * tl.exp(G - ww)
     d_r_in = _dot(d_m_in, k_in, PC)
@@ -308,10 +311,8 @@ def _bwd_chunk(
         d_r += d_r_x * a_x
         d_gprev += d_r_x * r_x
     tl.store(dr + pk, d_r.to(dr.dtype.element_ty), mask=live)
-    s_pair = tl.load(dstates + p_state).to(tl.float32) * tl.load(states + p_state).to(tl.float32)
-    d_gend += tl.sum(s_pair, 1) * tl.exp(g_end)
     # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C
-    d_w = tl.cumsum(d_gcur, 0, reverse=True) + tl.cumsum(d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
+    d_w = tl.cumsum(d_gcur + d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
     floored = tl.load(w + pk, mask=live, other=0.0).to(tl.float32) < ww
     tl.store(dw + pk, tl.where(floored, 0.0, d_w).to(dw.dtype.element_ty), mask=live)
 
@@ -379,7 +380,8 @@ class _WKV6(torch.autograd.Function):
         ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
         _bwd_chunk[(triton.cdiv(T, sub), B * H)](
             r, w, k, v, u, dy, states, dstates, *grads, du_parts,
-            T, H, K, V, sub, cfg.chunk, ps_c, pc_c, round_once, W_MIN=w_min, HALVES=cfg.pair_halves,
+            T, H, K, V, sub, cfg.chunk, ps_c, pc_c, round_once, round_once and states.dtype == torch.float32,
+            W_MIN=w_min, HALVES=cfg.pair_halves,
             num_warps=cfg.warps_grad,
         )  # fmt: skip
         du = du_parts.sum((0, 2)).to(u.dtype)
