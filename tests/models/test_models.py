@@ -127,6 +127,31 @@ def test_v7_hands_the_wkv_op_the_autocast_dtype(monkeypatch):
     assert seen == [[torch.bfloat16] * 6, [torch.float32] * 6]
 
 
+
+def test_v7_tells_the_wkv_op_the_bound_of_its_log_decay(monkeypatch):
+    # the Triton path then need not wait for the GPU to find w's minimum (its kernels take w >= -4.2)
+    import math
+
+    import rwkvkit.models.v7 as v7
+
+    seen = []
+
+    def spy(r, w, *args, **kwargs):
+        seen.append((w.min().item(), kwargs.get("log_decay_min")))
+        return real(r, w, *args, **kwargs)
+
+    real = v7.wkv7
+    monkeypatch.setattr(v7, "wkv7", spy)
+    model = build_model(RWKVConfig("7", 2, 32, V, head_size=16))
+    with torch.no_grad():
+        for p in model.parameters():  # strong decays too: w0 large makes sigmoid(w_raw) close to 1
+            p.add_(torch.randn_like(p) * 3)
+    model(_tokens(1, 9))
+    assert len(seen) == 2
+    for lowest, bound in seen:
+        assert bound == -math.exp(-0.5) and bound - 1e-6 <= lowest < 0  # (float32 rounding of the bound)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_layer_norm_outputs_take_the_autocast_dtype_and_the_residual_stays_fp32(version):
     # under autocast LayerNorm returns fp32; its outputs only feed 16-bit matmuls, so they are 16-bit from the start

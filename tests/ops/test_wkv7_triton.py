@@ -163,6 +163,31 @@ def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
         assert half <= 1.35 * full and (half < 1.2 * floor or not ON_GPU), (name, half / floor, full / floor)
 
 
+
+def test_decays_too_steep_for_the_kernels_take_the_chunked_path(monkeypatch):
+    """Below log_decay_floor (-4.2 for 32-token chunks) the kernels' in-chunk factors overflow; the call finds w's
+    minimum and hands such inputs to the chunked path (exact for any w). A caller's bound skips that check."""
+    T = 45
+    inputs, state = rwkv7_like_inputs(1, T, 2, HEAD, torch.float32, seed=13)
+    inputs[1][:, :, 0] = -6.0  # one head decays by e^-6 per token: e^{16 * 6} overflows float32
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
+    checks = []
+    lowest = triton_chunk._lowest_log_decay
+    monkeypatch.setattr(triton_chunk, "_lowest_log_decay", lambda w: checks.append(1) or lowest(w))
+    want = run(wkv7_naive, inputs, state, dy, ds)
+    got = run(triton_chunk.wkv7_triton, inputs, state, dy, ds)
+    assert len(checks) == 1
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 1e-5, name
+    # with a bound (the model's), the kernels run without the check
+    inputs[1][:, :, 0] = -0.5
+    with torch.no_grad():
+        y, s_final = triton_chunk.wkv7_triton(*inputs, state, log_decay_min=-0.61)
+    y_ref, s_ref = wkv7_naive(*inputs, state)
+    assert len(checks) == 1 and rel_err(y, y_ref) < 3e-3 and rel_err(s_final, s_ref) < 3e-3
+
+
 def test_no_grad_path_matches_and_inputs_untouched():
     inputs, state = rwkv7_like_inputs(1, 19, 1, HEAD, torch.float32, seed=2)
     before = [x.clone() for x in inputs] + [state.clone()]

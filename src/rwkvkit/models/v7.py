@@ -83,7 +83,7 @@ class TimeMix(nn.Module):
         r, k, v, a = (t.view(B, T, H, N) for t in (r, k, v, a))
         # the WKV kernels read their inputs several times; the official trainer's kernels take them in bf16 too
         k, v, a, b, log_decay = (in_autocast_dtype(t) for t in (k, v, -kk, kk * a, log_decay.view(B, T, H, N)))
-        y, state = wkv7(r, log_decay, k, v, a, b, initial_state=state)
+        y, state = wkv7(r, log_decay, k, v, a, b, initial_state=state, log_decay_min=-_LOG_DECAY_SCALE)
 
         y = group_norm(y.reshape(B, T, C), self.ln_x)
         # r_k bonus: the current token's own value, weighted per head by <r, k * r_k>

@@ -21,13 +21,16 @@ def wkv7(
     b: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     impl: str = "auto",
+    log_decay_min: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S_t = S_{t-1} (diag(exp w_t) + a_t b_t^T) + v_t k_t^T,  y_t = S_t r_t, per head.
 
     All per-token inputs [B, T, H, N]; w = log of the decay (<= 0). State [B, H, N_v, N_k] float32 (value-major,
     the official v7 layout). Returns y in r's dtype and the final state in float32. Inputs are never modified.
     impl: "auto" (a single-step path for T == 1, triton on CUDA from T = KERNEL_MIN_T (128) on, else
-    chunked), "naive", "chunked" or "triton".
+    chunked), "naive", "chunked" or "triton". log_decay_min: a lower bound of w that the caller guarantees, so
+    that the Triton path need not find w's minimum (one wait for the GPU) to know its kernels can take it
+    (`triton_chunk.wkv7_triton`); the model passes -e^{-0.5}.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv7 impl {impl!r}; choose one of {', '.join(IMPLS)}")
@@ -36,12 +39,12 @@ def wkv7(
         # torch.compile fuses into the decoder's layer step
         kernel = triton_kernel("wkv7") if wants_kernel(r) else None
         if kernel is not None:
-            return kernel(r, w, k, v, a, b, initial_state)
+            return kernel(r, w, k, v, a, b, initial_state, log_decay_min=log_decay_min)
         impl = "chunked"  # which itself takes the single-step path when T == 1
     if impl == "naive":
         return wkv7_naive(r, w, k, v, a, b, initial_state)
     if impl == "triton":
-        return require_triton_kernel("wkv7")(r, w, k, v, a, b, initial_state)
+        return require_triton_kernel("wkv7")(r, w, k, v, a, b, initial_state, log_decay_min=log_decay_min)
     return wkv7_chunked(r, w, k, v, a, b, initial_state)
 
 

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import check_triton_device, walk_block_v
+from rwkvkit.ops import check_triton_device, device_sync_allowed, walk_block_v
 
 
 class KernelConfig(NamedTuple):
@@ -633,6 +633,18 @@ def _op_backward(ctx, dy, ds_final, _d_states, _d_u):
 _wkv7_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
+def log_decay_floor(cfg: KernelConfig) -> float:
+    """The lowest log decay per token that the kernels take with this config. Their in-chunk pair factors
+    e^{G_t - G_m} and e^{G_m - G_j} span up to C/2 + 1 tokens around the chunk's middle token m, and e^72 leaves
+    float32 room for the inputs' own size: -4.2 at 32 tokens. RWKV-7 models have w > -e^{-0.5}; below the floor
+    the factors overflow, so such inputs go to the chunked PyTorch path (see wkv7_triton)."""
+    return -72.0 / (cfg.chunk // 2 + 1)
+
+
+def _lowest_log_decay(w: torch.Tensor) -> float:
+    return w.amin().item()  # waits for the GPU
+
+
 def _pow2_at_least_16(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
@@ -659,11 +671,17 @@ def wkv7_triton(
     initial_state: torch.Tensor | None = None,
     *,
     config: KernelConfig | None = None,
+    log_decay_min: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `rwkvkit.ops.wkv7.wkv7`: [B, T, H, N] inputs, w = log decay, state [B, H, N_v, N_k] fp32.
 
     Returns y in r's dtype and the final state in float32; differentiable in all inputs and initial_state.
     Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path. config None: DEFAULT_CONFIG.
+    log_decay_min: a lower bound of w that the caller guarantees (RWKV-7 models: -e^{-0.5}); None: the call finds
+    w's minimum (one wait for the GPU) where it may, i.e. not while a CUDA graph records, under
+    `without_device_syncs` or under torch.compile, where unchecked inputs below the floor would give NaN. Inputs
+    whose log decay goes below log_decay_floor(config) (-4.2 for the default) take the chunked PyTorch path,
+    exact for any w <= 0.
     """
     check_triton_device(r, "WKV kernels", "chunked")
     wants_grad = torch.is_grad_enabled() and any(
@@ -673,7 +691,11 @@ def wkv7_triton(
         from rwkvkit.errors import ConfigError
 
         raise ConfigError("KernelConfig.pair_halves is a WKV6 option; the WKV7 kernels have no such split")
-    if not _supported(r, v, config):
+    supported = _supported(r, v, config)  # (a config the kernels cannot run raises here)
+    if log_decay_min is None and supported and w.numel() and not torch.compiler.is_compiling() \
+            and device_sync_allowed(r):
+        log_decay_min = _lowest_log_decay(w)
+    if not supported or (log_decay_min is not None and log_decay_min < log_decay_floor(config)):
         from rwkvkit.ops.wkv7 import wkv7
 
         return wkv7(r, w, k, v, a, b, initial_state, impl="chunked")
