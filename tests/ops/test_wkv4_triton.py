@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interpreter import device_for_kernel_tests
+from triton_interpreter import device_for_kernel_tests, fill_new_buffers_with_nan
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv4.triton_seq")
 
@@ -33,10 +33,7 @@ def test_matches_naive_float32(T, C, with_state, k_scale, monkeypatch):
     dy = torch.randn(2, T, C, generator=g).to(DEVICE)
     ds = torch.randn(2, 3, C, generator=g).to(DEVICE)
     want = run_with_grads(wkv4_naive, inputs, state, dy, ds)
-    # every buffer the kernels fill starts as NaN, so an element they forget to write shows up
-    for name in ("empty", "empty_like"):
-        alloc = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    fill_new_buffers_with_nan(monkeypatch)
     got = run_with_grads(triton_seq.wkv4_triton, inputs, state, dy, ds)
     monkeypatch.undo()
     assert len(got) == len(want)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interpreter import device_for_kernel_tests
+from triton_interpreter import device_for_kernel_tests, fill_new_buffers_with_nan, record_saved_state_dtypes
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk")
 ON_GPU = DEVICE == "cuda"
@@ -65,10 +65,7 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, halves, monkeyp
     # 64-token walks floor the log decay at -2.2 (log_decay_floor), which a few of these draws pass (GPU, N = 64)
     floor = triton_chunk.log_decay_floor(cfg)
     want = run(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x), inputs, state, dy, ds)
-    # every buffer the kernels fill starts as NaN, so an element they forget to write shows up
-    for name in ("empty", "empty_like"):
-        alloc = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    fill_new_buffers_with_nan(monkeypatch)
     got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
     monkeypatch.undo()
     assert len(got) == len(want) == (8 if with_state else 7)
@@ -92,9 +89,7 @@ def test_log_decays_below_the_floor_are_floored_not_overflowed(chunk, halves, mo
     assert (inputs[1] < floor).float().mean() > 0.2
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
-    for name in ("empty", "empty_like"):
-        alloc = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    fill_new_buffers_with_nan(monkeypatch)
     got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
     monkeypatch.undo()
     floored = run(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x), inputs, state, dy, ds)
@@ -128,18 +123,8 @@ def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
     dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
     ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
     want = run(wkv6_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
-    saved = []
-    forward = triton_chunk._forward
-
-    def spy(*args, **kw):
-        out = forward(*args, **kw)
-        saved.append(out[2].dtype)
-        return out
-
-    monkeypatch.setattr(triton_chunk, "_forward", spy)
-    for name in ("empty", "empty_like"):  # NaN-filled buffers: an element the kernels forget to write shows up
-        alloc = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    saved = record_saved_state_dtypes(triton_chunk, monkeypatch)
+    fill_new_buffers_with_nan(monkeypatch)
     errors = {}
     for half in (True, False):
         cfg = triton_chunk.DEFAULT_CONFIG._replace(half_saved_states=half)

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from triton_interpreter import device_for_kernel_tests
+from triton_interpreter import device_for_kernel_tests, fill_new_buffers_with_nan, record_saved_state_dtypes
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk")
 ON_GPU = DEVICE == "cuda"
@@ -67,10 +67,7 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
     cfg = triton_chunk.KernelConfig(chunk=chunk, grad_chunk=grad_chunk, **EXACT)
     want = run(wkv7_naive, inputs, state, dy, ds)
-    # every buffer the kernels fill starts as NaN, so an element they forget to write shows up
-    nan_filled = {name: getattr(torch, name) for name in ("empty", "empty_like")}
-    for name, alloc in nan_filled.items():
-        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    fill_new_buffers_with_nan(monkeypatch)
     got = run(lambda *x: triton_chunk.wkv7_triton(*x, config=cfg), inputs, state, dy, ds)
     monkeypatch.undo()
     assert len(got) == len(want) == (9 if with_state else 8)
@@ -137,18 +134,8 @@ def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
     dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
     ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
     want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
-    saved = []
-    forward = triton_chunk._forward
-
-    def spy(*args, **kw):
-        out = forward(*args, **kw)
-        saved.append(out[2].dtype)
-        return out
-
-    monkeypatch.setattr(triton_chunk, "_forward", spy)
-    for name in ("empty", "empty_like"):  # NaN-filled buffers: an element the kernels forget to write shows up
-        alloc = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+    saved = record_saved_state_dtypes(triton_chunk, monkeypatch)
+    fill_new_buffers_with_nan(monkeypatch)
     errors = {}
     for half in (True, False):
         # DEFAULT_CONFIG itself: with gradients it runs as the registered op

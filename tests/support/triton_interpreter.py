@@ -37,3 +37,25 @@ def device_for_kernel_tests(*kernel_modules: str) -> str:
         if name in sys.modules:
             importlib.reload(sys.modules[name])
     return "cpu"
+
+
+def fill_new_buffers_with_nan(monkeypatch) -> None:
+    """Until monkeypatch.undo(), torch.empty and torch.empty_like return NaN-filled tensors: every buffer a kernel
+    fills starts as NaN, so an element it forgets to write shows up in what it returns."""
+    for name in ("empty", "empty_like"):
+        alloc = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+
+
+def record_saved_state_dtypes(kernel_module, monkeypatch) -> list:
+    """The dtype of the per-chunk states each call's `_forward` keeps for the backward (its third output)."""
+    seen = []
+    forward = kernel_module._forward
+
+    def spy(*args, **kw):
+        out = forward(*args, **kw)
+        seen.append(out[2].dtype)
+        return out
+
+    monkeypatch.setattr(kernel_module, "_forward", spy)
+    return seen
