@@ -150,7 +150,6 @@ def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
         assert half <= 1.35 * full and (half < 1.2 * floor or not ON_GPU), (name, half / floor, full / floor)
 
 
-
 def test_decays_too_steep_for_the_kernels_take_the_chunked_path(monkeypatch):
     """Below log_decay_floor (-4.2 for 32-token chunks) the kernels' in-chunk factors overflow; the call finds w's
     minimum and hands such inputs to the chunked path (exact for any w). A caller's bound skips that check."""

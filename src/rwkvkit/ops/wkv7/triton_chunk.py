@@ -68,8 +68,8 @@ class KernelConfig(NamedTuple):
     round_once: bool = True  # tf32r in the gradient kernel: round each operand once, not in every product
     stages_seq: int | None = None  # WKV7 walks' pipelining stages (None: Triton's; 1-4 measured alike, H100)
     pair_halves: bool = False  # WKV6: split the in-chunk pair factors per half chunk (a lower decay floor)
-    half_saved_states: bool = True  # WKV7, 16-bit inputs: the states and state gradients at the gradient
-    # sub-chunk starts, which the forward saves for the backward, are kept in bf16 (see module doc)
+    half_saved_states: bool = True  # 16-bit inputs: the states and state gradients at the gradient sub-chunk
+    # starts, which the forward saves for the backward, are kept in bf16 (WKV7 and WKV6; see module doc)
 
     def precisions(self) -> tuple[str, str, str]:
         return self.precision_state, self.precision_chunk, self.precision_solve
@@ -678,10 +678,10 @@ def wkv7_triton(
     Returns y in r's dtype and the final state in float32; differentiable in all inputs and initial_state.
     Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path. config None: DEFAULT_CONFIG.
     log_decay_min: a lower bound of w that the caller guarantees (RWKV-7 models: -e^{-0.5}); None: the call finds
-    w's minimum (one wait for the GPU) where it may, i.e. not while a CUDA graph records, under
-    `without_device_syncs` or under torch.compile, where unchecked inputs below the floor would give NaN. Inputs
-    whose log decay goes below log_decay_floor(config) (-4.2 for the default) take the chunked PyTorch path,
-    exact for any w <= 0.
+    w's minimum (one wait for the GPU), except while a CUDA graph records, under `without_device_syncs` or under
+    torch.compile, where inputs go unchecked. Inputs whose log decay goes below log_decay_floor(config) (-4.2 for
+    the default config), which would overflow the kernels' factors, take the chunked PyTorch path instead (exact
+    for any w <= 0).
     """
     check_triton_device(r, "WKV kernels", "chunked")
     wants_grad = torch.is_grad_enabled() and any(
@@ -692,8 +692,8 @@ def wkv7_triton(
 
         raise ConfigError("KernelConfig.pair_halves is a WKV6 option; the WKV7 kernels have no such split")
     supported = _supported(r, v, config)  # (a config the kernels cannot run raises here)
-    if log_decay_min is None and supported and w.numel() and not torch.compiler.is_compiling() \
-            and device_sync_allowed(r):
+    may_wait = not torch.compiler.is_compiling() and device_sync_allowed(r)
+    if log_decay_min is None and supported and w.numel() and may_wait:
         log_decay_min = _lowest_log_decay(w)
     if not supported or (log_decay_min is not None and log_decay_min < log_decay_floor(config)):
         from rwkvkit.ops.wkv7 import wkv7
