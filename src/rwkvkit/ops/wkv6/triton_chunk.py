@@ -23,18 +23,13 @@ import triton.language as tl
 
 from rwkvkit.ops import check_triton_device, device_sync_allowed
 from rwkvkit.ops.wkv7.triton_chunk import (
-    KernelConfig, _dot, _round_to_tf32, _row, _saved_dtype, _shapes, _supported, _tile_offsets,
+    KernelConfig, _dot, _lowest_log_decay, _round_to_tf32, _row, _saved_dtype, _shapes, _supported, _tile_offsets,
+    log_decay_floor,
 )
 
-def log_decay_floor(cfg: KernelConfig) -> float:
-    """The lowest log decay the kernels use with this config; lower ones are taken as this value.
-
-    The in-chunk pair factors e^{G_{t-1}-G_ref} and e^{G_ref-G_j} span up to C/2 + 1 tokens around the chunk's
-    middle, C/4 + 1 with `pair_halves` (a reference per half chunk), and e^72 leaves float32 room for the inputs'
-    own size: -4.2 at 32 tokens, -8 at 16, -14.4 at 16 with halves, where a channel keeps under 6e-7 of its state
-    per token (a change far below the products' tf32 rounding; the decay gradient there is 0, as for a clamp)."""
-    return -72.0 / (cfg.chunk // (4 if cfg.pair_halves else 2) + 1)
-
+# The kernels take log decays below log_decay_floor(config) as that floor: at -14.4 (16-token chunks with
+# `pair_halves`) a channel keeps under 6e-7 of its state per token, a change far below the products' tf32
+# rounding; the decay gradient there is 0, as for a clamp.
 
 # config=None picks by the call's lowest log decay (one GPU sync) the fastest config whose floor changes nothing.
 # H100, B8 / B4 T4096, fwd+bwd ms: 32-token chunks throughout 1.61 / 1.91 (fewer states to store and load, half
@@ -413,7 +408,7 @@ def wkv6_triton(
     if config is None:
         config = DEFAULT_CONFIG
         if device_sync_allowed(r):  # the decay check waits for the GPU, so never while a CUDA graph records
-            lowest = w.amin().item()
+            lowest = _lowest_log_decay(w)
             config = next((c for c in (LONG_CHUNK_CONFIG, SHORT_CHUNK_CONFIG) if lowest >= log_decay_floor(c)), config)
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv6 import wkv6

@@ -634,11 +634,12 @@ _wkv7_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def log_decay_floor(cfg: KernelConfig) -> float:
-    """The lowest log decay per token that the kernels take with this config. Their in-chunk pair factors
-    e^{G_t - G_m} and e^{G_m - G_j} span up to C/2 + 1 tokens around the chunk's middle token m, and e^72 leaves
-    float32 room for the inputs' own size: -4.2 at 32 tokens. RWKV-7 models have w > -e^{-0.5}; below the floor
-    the factors overflow, so such inputs go to the chunked PyTorch path (see wkv7_triton)."""
-    return -72.0 / (cfg.chunk // 2 + 1)
+    """The lowest log decay per token that the WKV7 and WKV6 kernels take with this config. Their in-chunk pair
+    factors e^{G_t - G_ref} and e^{G_ref - G_j} span up to C/2 + 1 tokens around the chunk's middle token, C/4 + 1
+    with `pair_halves` (WKV6: a reference per half chunk), and e^72 leaves float32 room for the inputs' own size:
+    -4.2 at 32 tokens, -8 at 16, -14.4 at 16 with halves. Below it the factors overflow: WKV7 hands such inputs to
+    the chunked PyTorch path (RWKV-7 models have w > -e^{-0.5}), WKV6 floors them (see its module)."""
+    return -72.0 / (cfg.chunk // (4 if cfg.pair_halves else 2) + 1)
 
 
 def _lowest_log_decay(w: torch.Tensor) -> float:
