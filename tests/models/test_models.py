@@ -127,7 +127,6 @@ def test_v7_hands_the_wkv_op_the_autocast_dtype(monkeypatch):
     assert seen == [[torch.bfloat16] * 6, [torch.float32] * 6]
 
 
-
 def test_v7_tells_the_wkv_op_the_bound_of_its_log_decay(monkeypatch):
     # the Triton path then need not wait for the GPU to find w's minimum (its kernels take w >= -4.2)
     import math

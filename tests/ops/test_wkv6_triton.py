@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interpreter import device_for_kernel_tests, fill_new_buffers_with_nan, record_saved_state_dtypes
+from triton_interpreter import check_bf16_saved_states, device_for_kernel_tests, fill_new_buffers_with_nan
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk")
 ON_GPU = DEVICE == "cuda"
@@ -123,19 +123,11 @@ def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
     dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
     ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
     want = run(wkv6_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
-    saved = record_saved_state_dtypes(triton_chunk, monkeypatch)
-    fill_new_buffers_with_nan(monkeypatch)
-    errors = {}
-    for half in (True, False):
-        cfg = triton_chunk.DEFAULT_CONFIG._replace(half_saved_states=half)
-        got = run(lambda *x, cfg=cfg: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
-        errors[half] = [rel_err(g, w) for g, w in zip(got, want)]
-    monkeypatch.undo()
-    assert saved == [torch.bfloat16, torch.float32]
-    for name, half, full, w in zip(NAMES, errors[True], errors[False], want):
-        floor = rel_err(w.bfloat16(), w)
-        # the accuracy goal at the real head size (in the interpreter at N = 16, float32 states give ~2x)
-        assert half <= 1.35 * full and (half < 1.2 * floor or not ON_GPU), (name, half / floor, full / floor)
+
+    def run_with(cfg):
+        return run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
+
+    check_bf16_saved_states(monkeypatch, triton_chunk, run_with, triton_chunk.DEFAULT_CONFIG, want, NAMES)
 
 
 def test_default_config_gradients_float32_within_tf32_rounding():

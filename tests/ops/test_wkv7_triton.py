@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from triton_interpreter import device_for_kernel_tests, fill_new_buffers_with_nan, record_saved_state_dtypes
+from triton_interpreter import check_bf16_saved_states, device_for_kernel_tests, fill_new_buffers_with_nan
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk")
 ON_GPU = DEVICE == "cuda"
@@ -134,20 +134,12 @@ def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
     dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
     ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
     want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
-    saved = record_saved_state_dtypes(triton_chunk, monkeypatch)
-    fill_new_buffers_with_nan(monkeypatch)
-    errors = {}
-    for half in (True, False):
-        # DEFAULT_CONFIG itself: with gradients it runs as the registered op
-        cfg = triton_chunk.DEFAULT_CONFIG if half else triton_chunk.DEFAULT_CONFIG._replace(half_saved_states=False)
-        got = run(lambda *x, cfg=cfg: triton_chunk.wkv7_triton(*x, config=cfg), inputs, state, dy, ds)
-        errors[half] = [rel_err(g, w) for g, w in zip(got, want)]
-    monkeypatch.undo()
-    assert saved == [torch.bfloat16, torch.float32]
-    for name, half, full, w in zip(NAMES, errors[True], errors[False], want):
-        floor = rel_err(w.bfloat16(), w)
-        # the accuracy goal at the real head size (in the interpreter at N = 16, float32 states give ~2x)
-        assert half <= 1.35 * full and (half < 1.2 * floor or not ON_GPU), (name, half / floor, full / floor)
+
+    def run_with(cfg):
+        return run(lambda *x: triton_chunk.wkv7_triton(*x, config=cfg), inputs, state, dy, ds)
+
+    # DEFAULT_CONFIG itself: with gradients it runs as the registered op
+    check_bf16_saved_states(monkeypatch, triton_chunk, run_with, triton_chunk.DEFAULT_CONFIG, want, NAMES)
 
 
 def test_decays_too_steep_for_the_kernels_take_the_chunked_path(monkeypatch):
