@@ -142,6 +142,33 @@ def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
     check_bf16_saved_states(monkeypatch, triton_chunk, run_with, triton_chunk.DEFAULT_CONFIG, want, NAMES)
 
 
+def test_half_inputs_hand_the_walks_fp16_operands_that_change_nothing(monkeypatch):
+    """With 16-bit inputs the walks load their decayed inputs in fp16, which holds the 10-bit mantissa their tf32
+    products round to: the float32 results (final state, its input's gradient) match float32 operands to float32
+    rounding, and the bf16 ones, which can only flip a last bit, are as close to the float64 loop (NaN-filled
+    buffers). Float32 inputs keep float32 operands."""
+    from rwkvkit.ops.testing import rel_rms
+
+    T = 45
+    inputs, state = rwkv7_like_inputs(1, T, 2, HEAD, torch.bfloat16, seed=12)
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
+    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
+    want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
+    cfg = triton_chunk.DEFAULT_CONFIG
+    assert cfg.half_walk_operands
+    assert triton_chunk._walk_operand_dtype(inputs[0], cfg) == torch.float16
+    assert triton_chunk._walk_operand_dtype(inputs[0].float(), cfg) == torch.float32
+    fill_new_buffers_with_nan(monkeypatch)
+    half, full = (run(lambda *x, c=c: triton_chunk.wkv7_triton(*x, config=c), inputs, state, dy, ds)
+                  for c in (cfg, cfg._replace(half_walk_operands=False)))
+    for name, h, f, w in zip(NAMES, half, full, want):
+        assert torch.isfinite(h).all(), name
+        if h.dtype == torch.float32:
+            assert rel_err(h, f) < 1e-5, (name, rel_err(h, f))
+        else:
+            assert rel_rms(h, w) < 1.05 * rel_rms(f, w), (name, rel_rms(h, w), rel_rms(f, w))
+
+
 def test_decays_too_steep_for_the_kernels_take_the_chunked_path(monkeypatch):
     """Below log_decay_floor (-4.2 for 32-token chunks) the kernels' in-chunk factors overflow; the call finds w's
     minimum and hands such inputs to the chunked path (exact for any w). A caller's bound skips that check."""
