@@ -21,14 +21,15 @@ says how to change that).
 Kernels, "chunk-parallel" ones with one program per (chunk, batch*head), "sequential" ones with one program per
 (value block, batch*head) walking the chunks with the state in registers:
   _fwd_prep  (chunk-parallel) the state-free parts of U: wa = solve A~ and uv = solve M_ak V; the decayed keys
-                              B_e, K_e and e^{G_C} the walk needs
+                              B_e, K_e and e^{G_C} the walk needs; for a backward, the solve itself (it is
+                              [C, C] per chunk: loading it took _bwd_prep from 0.40 to 0.34 ms, H100, 0.1B shape)
   _fwd_state (sequential)     U = uv + wa S_0^T and the next state; keeps every chunk's S_0 and U for later
   _fwd_out   (chunk-parallel) y from S_0, U and the in-chunk pairs; the states at the gradient sub-chunk starts
-  _bwd_prep  (chunk-parallel) the state-free parts of dW = solve^T dU; R~, A~ and e^{G_C} for the walk
+  _bwd_prep  (chunk-parallel) the state-free parts of dW = solve^T dU (the forward's solve); R~, A~, e^{G_C}
   _bwd_state (sequential)     dW and dL/dS at every chunk end and sub-chunk boundary (and dL/dS_0), walking back
   _bwd_chunk (chunk-parallel) all input gradients of a sub-chunk from its S_0, dS_C, U and dW
 The walks are the sequential part, so everything in them that does not need the state is done before, in the
-chunk-parallel kernels: they load decayed operands in float32 instead of raw inputs (H100, 0.1B shape: the forward
+chunk-parallel kernels: they load decayed operands instead of raw inputs (H100, 0.1B shape: the forward
 walk 0.60 -> 0.41 ms).
 The gradient kernel works on sub-chunks (`grad_chunk`, 16 tokens) of the walks' chunks (`chunk`, 32): u_t and its
 gradient dW_t do not depend on the chunking, so only the states at the sub-chunk boundaries are needed extra.
@@ -116,6 +117,17 @@ def _tile_offsets(i_t, i_bh, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexp
 
 
 @triton.jit
+def _square_offsets(i_t, i_bh, T, C: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Element offsets of chunk i_t's [C, C] matrix (of batch row x head i_bh) in a [B, H, n_chunks, C, C] tensor,
+    or of its transpose."""
+    rows = tl.arange(0, C)
+    first = (i_bh * tl.cdiv(T, C) + i_t) * C * C
+    if TRANSPOSED:
+        return first + rows[None, :] * C + rows[:, None]
+    return first + rows[:, None] * C + rows[None, :]
+
+
+@triton.jit
 def _row(x, i, C: tl.constexpr):
     """Row i of a [C, N] tile, as an [N] vector (the cumulative decay at one token)."""
     return tl.sum(tl.where(tl.arange(0, C)[:, None] == i, x, 0.0), 0)
@@ -163,12 +175,13 @@ def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexp
 
 @triton.jit
 def _fwd_prep(
-    w, k, v, a, b, wa, uv, b_end, k_end, e_end_c,
+    w, k, v, a, b, wa, uv, b_end, k_end, e_end_c, solve_out,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr,
+    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr, STORE_SOLVE: tl.constexpr,
 ):  # fmt: skip
     """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V;
-    and for the walk's S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e: B_e, K_e and e^{G_C}."""
+    and for the walk's S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e: B_e, K_e and e^{G_C}. STORE_SOLVE: the
+    solve (I - M_ab)^{-1} too, which the backward's preparation needs again."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     cols_k = tl.arange(0, K)
@@ -185,6 +198,8 @@ def _fwd_prep(
     m_ab = _pair_matrix(a_in, bb * e_m_g, False, C, PC)
     m_ak = _pair_matrix(a_in, kk * e_m_g, False, C, PC)
     solve = _unit_lower_inverse(m_ab, C, LOG2C, PI)
+    if STORE_SOLVE:
+        tl.store(solve_out + _square_offsets(i_t, i_bh, T, C, False), solve)
     tl.store(wa + scratch * K + cols_k[None, :], _dot(solve, aa * e_gp, PC))
     m_ak_v = _dot(m_ak, vv, PC)
     tl.store(uv + scratch * V + cols_v[None, :], _dot(solve, m_ak_v, PC))
@@ -270,12 +285,11 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_prep(
-    r, w, a, b, dy, p1, wb, r_s, a_s, e_end_c, g_sub,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr,
+    r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end_c, g_sub,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PC: tl.constexpr,
 ):  # fmt: skip
-    """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T; and for the
-    walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}."""
+    """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T, with the solve
+    the forward stored; and for the walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     cols_k = tl.arange(0, K)
@@ -289,9 +303,8 @@ def _bwd_prep(
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
     e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
     b_in = bb * e_m_g
-    m_ab = _pair_matrix(aa * e_gp_m, b_in, False, C, PC)
     m_rb = _pair_matrix(rr * e_g_m, b_in, True, C, PC)
-    solve_t = tl.trans(_unit_lower_inverse(m_ab, C, LOG2C, PI))
+    solve_t = tl.load(solve + _square_offsets(i_t, i_bh, T, C, True))
     du_y = _dot(tl.trans(m_rb), do, PC)
     tl.store(p1 + scratch * V + cols_v[None, :], _dot(solve_t, du_y, PC))
     tl.store(wb + scratch * K + cols_k[None, :], _dot(solve_t, bb * e_end_g, PC))
@@ -508,8 +521,9 @@ def _walk_operand_dtype(r: torch.Tensor, cfg: KernelConfig) -> torch.dtype:
 
 
 def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig, for_grad: bool = True):
-    """y, the final state, and for the backward the state at the start of every grad_chunk-token sub-chunk and U.
-    for_grad False: states only at the chunk starts (the output needs no more)."""
+    """y, the final state, and for the backward the state at the start of every grad_chunk-token sub-chunk, U and
+    each chunk's solve (I - M_ab)^{-1}. for_grad False: states only at the chunk starts (the output needs no more),
+    no solve (None)."""
     B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
     C = cfg.chunk
     sub = cfg.grad_chunk if for_grad else C
@@ -521,22 +535,23 @@ def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig, for_grad: bool = True):
     uv = torch.empty(B, H, n_chunks * C, V, **f32)
     u = torch.empty(B, H, n_chunks * C, V, **f32)
     e_end = torch.empty(B, H, n_chunks, K, **f32)
+    solve = torch.empty(B, H, n_chunks, C, C, **f32) if for_grad else None
     saved = _saved_dtype(r, cfg, for_grad)
     states = torch.empty(B, H, n_chunks * (C // sub), V, K, device=r.device, dtype=saved)
     s_final = torch.empty(B, H, V, K, **f32)
     y = torch.empty_like(v, dtype=r.dtype)
     chunks = (n_chunks, B * H)
-    _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, T, H, K, V, C, _log2(C), pc, pi,
-                      num_warps=cfg.warps_chunk)
+    _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, e_end if solve is None else solve,
+                      T, H, K, V, C, _log2(C), pc, pi, for_grad, num_warps=cfg.warps_chunk)
     _fwd_state[(V // bv, B * H)](
         v, wa, uv, b_end, k_end, e_end, u, s0 if s0 is not None else s_final, states, s_final,
         T, H, K, V, bv, C, sub, ps, HAS_S0=s0 is not None, **_seq_launch(cfg),
     )  # fmt: skip
     _fwd_out[chunks](r, w, k, v, b, u, states, y, T, H, K, V, C, sub, ps, pc, num_warps=cfg.warps_chunk)
-    return y, s_final, states, u
+    return y, s_final, states, u, solve
 
 
-def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: KernelConfig):
+def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, cfg: KernelConfig):
     B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
     C, sub = cfg.chunk, cfg.grad_chunk
     ps, pc, pi = cfg.precisions()
@@ -552,7 +567,7 @@ def _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0: bool, cfg: Ke
     dstates = torch.empty_like(states)
     ds0 = torch.empty(B, H, V, K, **f32) if want_ds0 else dstates
     chunks = (n_chunks, B * H)
-    _bwd_prep[chunks](r, w, a, b, dy, p1, wb, r_s, a_s, e_end, g_sub, T, H, K, V, C, sub, _log2(C), pc, pi,
+    _bwd_prep[chunks](r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end, g_sub, T, H, K, V, C, sub, pc,
                       num_warps=cfg.warps_chunk)
     ds_in = ds_final.contiguous() if ds_final is not None else dstates  # (a placeholder when there is none)
     _bwd_state[(V // bv, B * H)](
@@ -575,8 +590,8 @@ class _WKV7(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, cfg):
-        y, s_final, states, u = _forward(r, w, k, v, a, b, s0, cfg)
-        ctx.save_for_backward(r, w, k, v, a, b, states, u)
+        y, s_final, states, u, solve = _forward(r, w, k, v, a, b, s0, cfg)
+        ctx.save_for_backward(r, w, k, v, a, b, states, u, solve)
         ctx.cfg = cfg
         ctx.s0_dtype = None if s0 is None else s0.dtype
         ctx.set_materialize_grads(False)
@@ -594,7 +609,8 @@ class _WKV7(torch.autograd.Function):
 # Explicit schemas: torch 2.4-2.6 cannot read this module's string annotations (`from __future__ import annotations`).
 @torch.library.custom_op(
     "rwkvkit::wkv7_fwd", mutates_args=(),
-    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0) -> (Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _wkv7_fwd_op(r, w, k, v, a, b, s0):
     return _forward(r, w, k, v, a, b, s0, DEFAULT_CONFIG)
@@ -609,21 +625,22 @@ def _(r, w, k, v, a, b, s0):
     f32 = dict(device=r.device, dtype=torch.float32)
     saved = dict(device=r.device, dtype=_saved_dtype(r, DEFAULT_CONFIG, True))
     return (v.new_empty(B, T, H, V, dtype=r.dtype), r.new_empty(B, H, V, K, **f32),
-            r.new_empty(B, H, n * (C // sub), V, K, **saved), r.new_empty(B, H, n * C, V, **f32))
+            r.new_empty(B, H, n * (C // sub), V, K, **saved), r.new_empty(B, H, n * C, V, **f32),
+            r.new_empty(B, H, n, C, C, **f32))
 
 
 @torch.library.custom_op(
     "rwkvkit::wkv7_bwd", mutates_args=(),
-    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor u, Tensor dy, "
-           "Tensor? ds_final, bool want_ds0) -> Tensor[]",
+    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor u, Tensor solve, "
+           "Tensor dy, Tensor? ds_final, bool want_ds0) -> Tensor[]",
 )
-def _wkv7_bwd_op(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0):
-    grads, ds0 = _backward(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0, DEFAULT_CONFIG)
+def _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0):
+    grads, ds0 = _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, DEFAULT_CONFIG)
     return grads + ([ds0] if want_ds0 else [])
 
 
 @_wkv7_bwd_op.register_fake
-def _(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0):
+def _(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0):
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     B, T, H, K = r.shape
     return grads + ([r.new_empty(B, H, v.shape[-1], K, dtype=torch.float32)] if want_ds0 else [])
@@ -631,18 +648,18 @@ def _(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0):
 
 def _op_setup(ctx, inputs, output):
     r, w, k, v, a, b, s0 = inputs
-    _, _, states, u = output
-    ctx.save_for_backward(r, w, k, v, a, b, states, u)
+    _, _, states, u, solve = output
+    ctx.save_for_backward(r, w, k, v, a, b, states, u, solve)
     ctx.s0_dtype = None if s0 is None else s0.dtype
     # unused outputs (the final state, the saved per-chunk tensors) then get None, not zero tensors of their size
     ctx.set_materialize_grads(False)
 
 
-def _op_backward(ctx, dy, ds_final, _d_states, _d_u):
+def _op_backward(ctx, dy, ds_final, _d_states, _d_u, _d_solve):
     want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[6]
-    r, w, k, v, a, b, states, u = ctx.saved_tensors
+    r, w, k, v, a, b, states, u, solve = ctx.saved_tensors
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy
-    out = _wkv7_bwd_op(r, w, k, v, a, b, states, u, dy, ds_final, want_ds0)
+    out = _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0)
     return (*out[:6], out[6].to(ctx.s0_dtype) if want_ds0 else None)
 
 
@@ -720,9 +737,9 @@ def wkv7_triton(
     s0 = None if initial_state is None else initial_state.contiguous()
     # under torch.compile only the default config is a registered op (an opaque call in the graph)
     if config is DEFAULT_CONFIG and (wants_grad or torch.compiler.is_compiling()):
-        y, s_final, _, _ = _wkv7_fwd_op(r, w, k, v, a, b, s0)
+        y, s_final, *_ = _wkv7_fwd_op(r, w, k, v, a, b, s0)
         return y, s_final
     if wants_grad:
         return _WKV7.apply(r, w, k, v, a, b, s0, config)
-    y, s_final, _, _ = _forward(r, w, k, v, a, b, s0, config, for_grad=False)
+    y, s_final, *_ = _forward(r, w, k, v, a, b, s0, config, for_grad=False)
     return y, s_final
