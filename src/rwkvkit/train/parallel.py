@@ -48,8 +48,13 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def teardown() -> None:
-    if dist.is_initialized():
+def teardown(finished: bool = True) -> None:
+    """Leave the process group. After a finished run every rank first waits at a barrier, so that none destroys
+    the group while another still uses it (a gloo rank was seen to abort with "terminate called without an active
+    exception" at that point). After an error the group is left to the process's exit: a barrier or a destroy could
+    wait forever for a rank that failed somewhere else."""
+    if dist.is_initialized() and finished:
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -67,6 +67,7 @@ def run(cfg: PretrainConfig) -> dict:
     from rwkvkit.train.loop import Trainer
 
     info = parallel.setup(cfg.train.device)
+    finished = False
     try:
         # the data first: a wrong path should fail in a second, not after building a large model
         data = open_pretrain_data(cfg.data.data_file, cfg.data.ctx_len, cfg.train.micro_bsz, info.world_size,
@@ -80,9 +81,11 @@ def run(cfg: PretrainConfig) -> dict:
                   f"data {num_tokens(data)} tokens, magic_prime {data.sampler.magic_prime}; "
                   f"{info.world_size} process(es) on {info.device}", flush=True)
         trainer = Trainer(cfg, model, data, info, model_config=mc.to_dict())
-        return trainer.fit()
+        result = trainer.fit()
+        finished = True
+        return result
     finally:
-        parallel.teardown()
+        parallel.teardown(finished)
 
 
 def main(argv: list[str] | None = None) -> int:
