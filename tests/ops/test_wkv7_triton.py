@@ -125,18 +125,28 @@ def test_half_inputs_give_half_outputs(dtype):
 
 
 
+def bf16_case(seed, T=45):
+    """bf16 inputs with an initial state, random gradients on y and on the final state, and what the float64 loop
+    gives for them (outputs and gradients)."""
+    inputs, state = rwkv7_like_inputs(1, T, 2, HEAD, torch.bfloat16, seed=seed)
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
+    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
+    want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
+    return inputs, state, dy, ds, want
+
+
+def run_config(cfg, inputs, state, dy, ds):
+    return run(lambda *x: triton_chunk.wkv7_triton(*x, config=cfg), inputs, state, dy, ds)
+
+
 def test_half_inputs_save_bf16_states_and_stay_near_the_bf16_floor(monkeypatch):
     """With 16-bit inputs and gradients, the states (and state gradients) saved at the gradient sub-chunk starts are
     bf16; every output and gradient stays near the bf16 rounding of the float64 loop on the same inputs, and near
     what float32 saved states give."""
-    T = 45
-    inputs, state = rwkv7_like_inputs(1, T, 2, HEAD, torch.bfloat16, seed=11)
-    dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
-    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
-    want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
+    inputs, state, dy, ds, want = bf16_case(seed=11)
 
     def run_with(cfg):
-        return run(lambda *x: triton_chunk.wkv7_triton(*x, config=cfg), inputs, state, dy, ds)
+        return run_config(cfg, inputs, state, dy, ds)
 
     # DEFAULT_CONFIG itself: with gradients it runs as the registered op
     check_bf16_saved_states(monkeypatch, triton_chunk, run_with, triton_chunk.DEFAULT_CONFIG, want, NAMES)
@@ -149,18 +159,13 @@ def test_half_inputs_hand_the_walks_fp16_operands_that_change_nothing(monkeypatc
     buffers). Float32 inputs keep float32 operands."""
     from rwkvkit.ops.testing import rel_rms
 
-    T = 45
-    inputs, state = rwkv7_like_inputs(1, T, 2, HEAD, torch.bfloat16, seed=12)
-    dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
-    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
-    want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
+    inputs, state, dy, ds, want = bf16_case(seed=12)
     cfg = triton_chunk.DEFAULT_CONFIG
     assert cfg.half_walk_operands
     assert triton_chunk._walk_operand_dtype(inputs[0], cfg) == torch.float16
     assert triton_chunk._walk_operand_dtype(inputs[0].float(), cfg) == torch.float32
     fill_new_buffers_with_nan(monkeypatch)
-    half, full = (run(lambda *x, c=c: triton_chunk.wkv7_triton(*x, config=c), inputs, state, dy, ds)
-                  for c in (cfg, cfg._replace(half_walk_operands=False)))
+    half, full = (run_config(c, inputs, state, dy, ds) for c in (cfg, cfg._replace(half_walk_operands=False)))
     for name, h, f, w in zip(NAMES, half, full, want):
         assert torch.isfinite(h).all(), name
         if h.dtype == torch.float32:
