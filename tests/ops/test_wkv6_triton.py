@@ -13,7 +13,8 @@ from triton_interpreter import check_bf16_saved_states, device_for_kernel_tests,
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk")
 ON_GPU = DEVICE == "cuda"
 
-from rwkvkit.ops.wkv6 import triton_chunk  # noqa: E402
+from rwkvkit.ops.testing import PACKED_LENGTHS, cu_seqlens_of  # noqa: E402
+from rwkvkit.ops.wkv6 import triton_chunk, wkv6  # noqa: E402
 from rwkvkit.ops.wkv6.naive import wkv6_naive  # noqa: E402
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig  # noqa: E402
 
@@ -72,6 +73,29 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, halves, monkeyp
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == w.dtype, name
         assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) < 2e-5, name
+
+
+@pytest.mark.parametrize("chunk, grad_chunk, halves, with_state", [(16, 16, True, True), (32, 16, False, False),
+                                                                   (32, 32, False, True)])
+def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, halves, with_state, monkeypatch):
+    """cu_seqlens: as for WKV7, packed sequences of odd lengths (one empty, one of a single token) against the naive
+    loop on each alone, into NaN-filled buffers; the bonus u's gradient sums over the sequences."""
+    lengths = PACKED_LENGTHS
+    T, n = sum(lengths), len(lengths)
+    inputs, _ = rwkv6_like_inputs(1, T, 2, HEAD, seed=16)
+    state = torch.randn(n, 2, HEAD, HEAD, device=DEVICE) * 0.5 if with_state else None
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(n, 2, HEAD, HEAD, device=DEVICE)
+    cu = cu_seqlens_of(lengths).to(DEVICE)
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_halves=halves)
+    want = run(lambda *x: wkv6(*x, impl="naive", cu_seqlens=cu), inputs, state, dy, ds)
+    fill_new_buffers_with_nan(monkeypatch)
+    got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg, cu_seqlens=cu), inputs, state, dy, ds)
+    monkeypatch.undo()
+    assert len(got) == len(want) == (8 if with_state else 7)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape and torch.isfinite(g).all(), name
         assert rel_err(g, w) < 2e-5, name
 
 

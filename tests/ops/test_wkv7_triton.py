@@ -14,7 +14,8 @@ from triton_interpreter import check_bf16_saved_states, device_for_kernel_tests,
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk")
 ON_GPU = DEVICE == "cuda"
 
-from rwkvkit.ops.wkv7 import triton_chunk  # noqa: E402
+from rwkvkit.ops.testing import PACKED_LENGTHS, cu_seqlens_of  # noqa: E402
+from rwkvkit.ops.wkv7 import triton_chunk, wkv7  # noqa: E402
 from rwkvkit.ops.wkv7.naive import wkv7_naive  # noqa: E402
 
 HEAD = 64 if ON_GPU else 16
@@ -75,6 +76,44 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
         assert g.dtype == w.dtype, name
         assert torch.isfinite(g).all(), name
         assert rel_err(g, w) < 2e-5, name
+
+
+def packed_case(lengths, with_state, seed):
+    """Sequences of these lengths packed in one row: inputs, cu_seqlens, initial states (or None), dy, ds."""
+    T, n = sum(lengths), len(lengths)
+    inputs, _ = rwkv7_like_inputs(1, T, 2, HEAD, torch.float32, seed=seed)
+    state = torch.randn(n, 2, HEAD, HEAD, device=DEVICE) * 0.5 if with_state else None
+    return inputs, cu_seqlens_of(lengths).to(DEVICE), state, torch.randn(1, T, 2, HEAD, device=DEVICE), \
+        torch.randn(n, 2, HEAD, HEAD, device=DEVICE)
+
+
+@pytest.mark.parametrize("chunk, grad_chunk, with_state", [(16, 16, True), (32, 16, False), (32, 16, True)])
+def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, with_state, monkeypatch):
+    """cu_seqlens: sequences of odd lengths (one empty, one of a single token) packed in one row, one launch per
+    kernel (grids sized by a bound, so some programs are spare), against the naive loop on each sequence alone:
+    outputs, every final state and all gradients, into NaN-filled buffers."""
+    inputs, cu, state, dy, ds = packed_case(PACKED_LENGTHS, with_state, seed=14)
+    cfg = triton_chunk.KernelConfig(chunk=chunk, grad_chunk=grad_chunk, **EXACT)
+    want = run(lambda *x: wkv7(*x, impl="naive", cu_seqlens=cu), inputs, state, dy, ds)
+    fill_new_buffers_with_nan(monkeypatch)
+    got = run(lambda *x: triton_chunk.wkv7_triton(*x, config=cfg, cu_seqlens=cu), inputs, state, dy, ds)
+    monkeypatch.undo()
+    assert len(got) == len(want) == (9 if with_state else 8)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape and torch.isfinite(g).all(), name
+        assert rel_err(g, w) < 2e-5, name
+
+
+def test_packed_sequences_default_config(monkeypatch):
+    """The same through DEFAULT_CONFIG (with gradients, the registered op) in bf16: near the per-sequence loop."""
+    inputs, cu, state, dy, ds = packed_case(PACKED_LENGTHS, True, seed=15)
+    inputs = [x.bfloat16() for x in inputs]
+    want = run(lambda *x: wkv7(*x, impl="naive", cu_seqlens=cu), [x.float() for x in inputs], state, dy, ds)
+    fill_new_buffers_with_nan(monkeypatch)
+    got = run(lambda *x: triton_chunk.wkv7_triton(*x, cu_seqlens=cu), inputs, state, dy.bfloat16(), ds)
+    monkeypatch.undo()
+    for name, g, w in zip(NAMES, got, want):
+        assert torch.isfinite(g).all() and rel_err(g, w) < 1e-2, (name, rel_err(g, w))
 
 
 def test_default_config_float32_within_tf32_rounding():

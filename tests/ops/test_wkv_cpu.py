@@ -9,7 +9,9 @@ from typing import Callable
 import pytest
 import torch
 
-from rwkvkit.ops.testing import rel_rms, run_with_grads, wkv4_inputs, wkv6_inputs, wkv7_inputs
+from rwkvkit.ops.testing import (
+    PACKED_LENGTHS, cu_seqlens_of, rel_rms, run_with_grads, wkv4_inputs, wkv6_inputs, wkv7_inputs,
+)
 from rwkvkit.ops.wkv4 import wkv4, wkv4_chunked, wkv4_naive, wkv4_step
 from rwkvkit.ops.wkv6 import wkv6, wkv6_chunked, wkv6_naive, wkv6_step
 from rwkvkit.ops.wkv7 import wkv7, wkv7_chunked, wkv7_naive, wkv7_step
@@ -244,3 +246,53 @@ def test_naive_matches_float64_scalar_loops():
     (w, u, k, v), _ = wkv4_inputs(2, 9, 5, seed=1, k_scale=3.0)
     y, _ = wkv4_naive(w, u, k, v)
     assert rel_rms(y, _wkv4_float64(w, u, k, v)) < 1e-6
+
+
+PACKED = pytest.mark.parametrize("op", [OPS["wkv7"], OPS["wkv6"]], ids=["wkv7", "wkv6"])
+
+
+@PACKED
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_packed_sequences_equal_separate_calls(op, impl):
+    """cu_seqlens: each sequence of the packed row runs from its own state to its own final state, exactly as a
+    call of its own (values and gradients, an empty and a one-token sequence among them)."""
+    lengths = PACKED_LENGTHS
+    inputs, _ = op.make(1, sum(lengths), seed=21)
+    state = torch.randn(len(lengths), 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    dy, ds = torch.randn(1, sum(lengths), 2, 8), torch.randn(len(lengths), 2, 8, 8)
+    cu = cu_seqlens_of(lengths)
+    got = run_with_grads(lambda *x: op.dispatch(*x, impl=impl, cu_seqlens=cu), inputs, state, dy, ds)
+    per_head_grads = [torch.zeros_like(x) for x, timed in zip(inputs, op.per_token) if not timed]
+    for i, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if start == end:  # an empty sequence hands its state through
+            assert torch.equal(got[1][i], state[i]) and torch.equal(got[-1][i], ds[i])
+            continue
+        one = [x[:, start:end] if timed else x for x, timed in zip(inputs, op.per_token)]
+        want = run_with_grads(op.naive, one, state[i : i + 1], dy[:, start:end], ds[i : i + 1])
+        assert rel_rms(got[0][:, start:end], want[0]) < TOL
+        assert rel_rms(got[1][i], want[1][0]) < TOL
+        for g, w, timed in zip(got[2:], want[2:], op.per_token):
+            if timed:
+                assert rel_rms(g[:, start:end], w) < TOL
+        for total, w in zip(per_head_grads, [w for w, timed in zip(want[2:], op.per_token) if not timed]):
+            total += w
+        assert rel_rms(got[-1][i], want[-1][0]) < TOL
+    for g, total in zip([g for g, timed in zip(got[2:], op.per_token) if not timed], per_head_grads):
+        assert rel_rms(g, total) < TOL  # (WKV6's bonus u: summed over the sequences)
+
+
+@PACKED
+def test_bad_cu_seqlens_are_named(op):
+    from rwkvkit.errors import ConfigError
+
+    inputs, state = op.make(1, 10, seed=22)
+    for cu, message in [(torch.tensor([1, 10]), "from 0"), (torch.tensor([0, 6, 4, 10]), "decreasing"),
+                        (torch.tensor([0, 9]), "T_total = 10"), (torch.tensor([0.0, 10.0]), "integer"),
+                        (torch.tensor([[0, 10]]), "1-D")]:
+        with pytest.raises(ConfigError, match=message):
+            op.dispatch(*inputs, impl="chunked", cu_seqlens=cu)
+    with pytest.raises(ConfigError, match="one state per sequence"):
+        op.dispatch(*inputs, state.expand(2, *state.shape[1:]), impl="chunked", cu_seqlens=torch.tensor([0, 10]))
+    two_rows, _ = op.make(2, 10, seed=22)
+    with pytest.raises(ConfigError, match="one batch row"):
+        op.dispatch(*two_rows, impl="chunked", cu_seqlens=torch.tensor([0, 10]))

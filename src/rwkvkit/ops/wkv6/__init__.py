@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from rwkvkit.ops import require_triton_kernel, triton_kernel, wants_kernel
+from rwkvkit.ops.varlen import check_cu_seqlens, per_sequence
 
 from .chunked import wkv6_chunked, wkv6_step
 from .naive import wkv6_naive
@@ -20,6 +21,7 @@ def wkv6(
     u: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     impl: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),  S_t = diag(exp w_t) S_{t-1} + k_t v_t^T, per head.
 
@@ -28,6 +30,8 @@ def wkv6(
     state in float32. Inputs are never modified.
     impl: "auto" (a single-step path for T == 1, triton on CUDA from T = KERNEL_MIN_T (128) on, else
     chunked), "naive", "chunked" or "triton".
+    cu_seqlens: [N + 1] starts of N sequences packed into one row [1, T_total, H, N], each with its own initial
+    and final state ([N, H, N_k, N_v]); see `rwkvkit.ops.varlen`.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv6 impl {impl!r}; choose one of {', '.join(IMPLS)}")
@@ -36,13 +40,15 @@ def wkv6(
         # torch.compile fuses into the decoder's layer step
         kernel = triton_kernel("wkv6") if wants_kernel(r) else None
         if kernel is not None:
-            return kernel(r, w, k, v, u, initial_state)
+            return kernel(r, w, k, v, u, initial_state, cu_seqlens=cu_seqlens)
         impl = "chunked"  # which itself takes the single-step path when T == 1
-    if impl == "naive":
-        return wkv6_naive(r, w, k, v, u, initial_state)
     if impl == "triton":
-        return require_triton_kernel("wkv6")(r, w, k, v, u, initial_state)
-    return wkv6_chunked(r, w, k, v, u, initial_state)
+        return require_triton_kernel("wkv6")(r, w, k, v, u, initial_state, cu_seqlens=cu_seqlens)
+    fn = wkv6_naive if impl == "naive" else wkv6_chunked
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, r, initial_state)
+        return per_sequence(lambda r, w, k, v, s0: fn(r, w, k, v, u, s0), cu_seqlens, (r, w, k, v), initial_state)
+    return fn(r, w, k, v, u, initial_state)
 
 
 __all__ = ["wkv6", "wkv6_naive", "wkv6_chunked", "wkv6_step", "IMPLS"]

@@ -22,9 +22,10 @@ import triton
 import triton.language as tl
 
 from rwkvkit.ops import check_triton_device, device_sync_allowed
+from rwkvkit.ops.varlen import check_cu_seqlens
 from rwkvkit.ops.wkv7.triton_chunk import (
-    KernelConfig, _dot, _lowest_log_decay, _round_to_tf32, _row, _saved_dtype, _shapes, _supported, _tile_offsets,
-    log_decay_floor,
+    KernelConfig, _chunk_program, _dot, _layout, _lowest_log_decay, _round_to_tf32, _row, _saved_dtype, _sequence,
+    _supported, _tile_offsets, log_decay_floor,
 )
 
 # The kernels take log decays below log_decay_floor(config) as that floor: at -14.4 (16-token chunks with
@@ -75,32 +76,33 @@ def _same_half(C: tl.constexpr):
 
 @triton.jit
 def _fwd_state(
-    w, k, v, s0, states, s_final,
+    w, k, v, s0, states, s_final, cu_seqlens, first_chunk,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
-    W_MIN: tl.constexpr,
+    W_MIN: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """S_C = diag(e^{G_C}) S_0 + K_e^T V, chunk after chunk; every S_0 is kept for the outputs and the backward."""
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    n_chunks = tl.cdiv(T, C)
+    i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
+    i_h = i_sh % H
+    bos, T, base = _sequence(i_sh // H, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_k[:, None] * V + cols_v[None, :]
     if HAS_S0:
-        S = tl.load(s0 + i_bh * K * V + s_offs).to(tl.float32)
+        S = tl.load(s0 + i_sh * K * V + s_offs).to(tl.float32)
     else:
         S = tl.zeros([K, BV], dtype=tl.float32)
-    for i_t in range(n_chunks):
-        tl.store(states + (i_bh * n_chunks + i_t) * (C // SUB) * K * V + s_offs, S)
-        tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
+    for i_t in range(tl.cdiv(T, C)):
+        tl.store(states + (base + i_t) * (C // SUB) * K * V + s_offs, S)
+        tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
         ww = _load_log_decay(w, pk, live, W_MIN)
         kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
         vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
         g_end = tl.sum(ww, 0)
         k_e = kk * tl.exp(g_end[None, :] - tl.cumsum(ww, 0))
         S = S * tl.exp(g_end)[:, None] + _dot(tl.trans(k_e), vv, PS)
-    tl.store(s_final + i_bh * K * V + s_offs, S)
+    tl.store(s_final + i_sh * K * V + s_offs, S)
 
 
 @triton.jit
@@ -119,22 +121,23 @@ def _pairs(r_in, k_in, r_x, k_x, rr, kk, uu, C: tl.constexpr, PC: tl.constexpr, 
 
 @triton.jit
 def _fwd_out(
-    r, w, k, v, u, states, y,
+    r, w, k, v, u, states, y, cu_seqlens, first_chunk, chunk_seq,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
-    W_MIN: tl.constexpr, HALVES: tl.constexpr,
+    W_MIN: tl.constexpr, HALVES: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """y = R~ S_0 + M V for one chunk; with SUB < C also the states at the starts of its SUB-token sub-chunks,
     S_p = diag(e^{G_p}) S_0 + sum_{j<p} (k_j e^{G_p-G_j}) v_j^T, for the gradient kernel (as in WKV7)."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_h = i_bh % H
-    n_chunks = tl.cdiv(T, C)
+    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
+    if i_n < 0:  # a spare program of a packed-sequence grid
+        return
+    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    chunk = base + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    p_state = (i_bh * n_chunks + i_t) * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
+    p_state = chunk * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
     S0 = tl.load(states + p_state).to(tl.float32)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     ww = _load_log_decay(w, pk, live, W_MIN)
@@ -154,57 +157,61 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_state(
-    r, w, dy, ds_final, dstates, ds0,
+    r, w, dy, ds_final, dstates, ds0, cu_seqlens, first_chunk,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
-    W_MIN: tl.constexpr,
+    W_MIN: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dS_0 = diag(e^{G_C}) dS_C + R~^T dY, walking back; stores dS_C of every chunk."""
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
+    i_h = i_sh % H
+    bos, T, base = _sequence(i_sh // H, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     n_chunks = tl.cdiv(T, C)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_k[:, None] * V + cols_v[None, :]
     if HAS_DS_FINAL:
-        dS = tl.load(ds_final + i_bh * K * V + s_offs).to(tl.float32)
+        dS = tl.load(ds_final + i_sh * K * V + s_offs).to(tl.float32)
     else:
         dS = tl.zeros([K, BV], dtype=tl.float32)
     for i_back in range(n_chunks):
         i_t = n_chunks - 1 - i_back
-        tl.store(dstates + ((i_bh * n_chunks + i_t + 1) * (C // SUB) - 1) * K * V + s_offs, dS)
-        tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
+        tl.store(dstates + ((base + i_t + 1) * (C // SUB) - 1) * K * V + s_offs, dS)
+        tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
         rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
         ww = _load_log_decay(w, pk, live, W_MIN)
         do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
         r_s = rr * tl.exp(tl.cumsum(ww, 0) - ww)
         dS = dS * tl.exp(tl.sum(ww, 0))[:, None] + _dot(tl.trans(r_s), do, PS)
     if WANT_DS0:
-        tl.store(ds0 + i_bh * K * V + s_offs, dS)
+        tl.store(ds0 + i_sh * K * V + s_offs, dS)
 
 
 @triton.jit
 def _bwd_substates(
-    r, w, dy, dstates,
+    r, w, dy, dstates, cu_seqlens, first_chunk, chunk_seq,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr,
-    W_MIN: tl.constexpr,
+    W_MIN: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dL/dS at the ends of a chunk's SUB-token sub-chunks but the last (the walk stores that one): from boundary p,
     dS_p = diag(e^{G_C-G_p}) dS_C + sum_{t>=p} (r_t e^{G_{t-1}-G_p}) dy_t^T."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    n_chunks = tl.cdiv(T, C)
+    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
+    if i_n < 0:  # a spare program of a packed-sequence grid
+        return
+    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    chunk = base + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
+    tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
     ww = _load_log_decay(w, pk, live, W_MIN)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
     G = tl.cumsum(ww, 0)
     g_end = tl.sum(ww, 0)
-    p_state = (i_bh * n_chunks + i_t) * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
+    p_state = chunk * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
     dSC = tl.load(dstates + p_state + (C // SUB - 1) * K * V).to(tl.float32)
     for i_sub in tl.static_range(1, C // SUB):
         g_p = _row(G, i_sub * SUB - 1, C)
@@ -216,24 +223,25 @@ def _bwd_substates(
 @triton.jit
 def _bwd_chunk(
     r, w, k, v, u, dy, states, dstates,
-    dr, dw, dk, dv, du_parts,
+    dr, dw, dk, dv, du_parts, cu_seqlens, first_chunk, chunk_seq,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
-    ROUND_STATES: tl.constexpr, W_MIN: tl.constexpr, HALVES: tl.constexpr,
+    ROUND_STATES: tl.constexpr, W_MIN: tl.constexpr, HALVES: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """All input gradients of one chunk (du as per-chunk parts). Like WKV7's: each gradient is stored once complete,
     dS_C and S_0 are loaded in turn, the decay gradient is summed from x * dx, ROUND_ONCE rounds operands once
     (ROUND_STATES the states too: not when they are bf16).
     C tokens per program; states and du parts are laid out by the walks' WALK-token chunks (C divides WALK)."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_h = i_bh % H
-    n_chunks = tl.cdiv(T, WALK) * (WALK // C)
+    i_n, i_h, i_t = _chunk_program(H, WALK // C, chunk_seq, first_chunk, VARLEN)
+    if i_n < 0:  # a spare program of a packed-sequence grid
+        return
+    bos, T, base = _sequence(i_n, i_h, T, H, WALK, cu_seqlens, first_chunk, VARLEN)
+    chunk = base * (WALK // C) + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    p_state = (i_bh * n_chunks + i_t) * K * V + cols_k[:, None] * V + cols_v[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
+    p_state = chunk * K * V + cols_k[:, None] * V + cols_v[None, :]
     ww = _load_log_decay(w, pk, live, W_MIN)
     G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
     g_end = tl.sum(ww, 0)
@@ -269,7 +277,10 @@ def _bwd_chunk(
         m = _round_to_tf32(m)
         d_m = _round_to_tf32(d_m)
         d_m_in = _round_to_tf32(d_m_in)
-    tl.store(du_parts + (i_bh * n_chunks + i_t) * K + cols_k, tl.sum(d_bonus * rr * kk, 0))
+    # du parts [B, H, sub-chunks, K], summed over all but H afterwards; packed, [1, H, the grid's sub-chunks, K]
+    # (the scratch index `chunk` interleaves heads per sequence there)
+    du_at = i_h * tl.num_programs(0) + tl.program_id(0) if VARLEN else chunk
+    tl.store(du_parts + du_at * K + cols_k, tl.sum(d_bonus * rr * kk, 0))
     # the parts that meet dS_C: v, and k through S_C = diag(e^{G_C}) S_0 + K_e^T V
     dSC = tl.load(dstates + p_state).to(tl.float32)
     if ROUND_STATES:
@@ -312,38 +323,43 @@ def _bwd_chunk(
     tl.store(dw + pk, tl.where(floored, 0.0, d_w).to(dw.dtype.element_ty), mask=live)
 
 
-def _wkv6_shapes(r, v, cfg: KernelConfig):
-    """WKV7's _shapes, but a walk program takes all value rows once batch x heads alone fills the GPU: every program
-    recomputes its chunk's decayed keys (H100, 96 and 128 of them: fwd+bwd 2.27 -> 2.13 and 2.67 -> 2.54 ms)."""
-    B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
-    return B, T, H, K, V, n_chunks, V if cfg.block_v is None and B * H >= 96 else bv
+def _wkv6_layout(r, v, cfg: KernelConfig, cu_seqlens):
+    """WKV7's _layout, but a walk program takes all value rows once sequences x heads alone fill the GPU: every
+    program recomputes its chunk's decayed keys (H100, 96 and 128 of them: fwd+bwd 2.27 -> 2.13 and 2.67 -> 2.54
+    ms)."""
+    lay = _layout(r, v, cfg, cu_seqlens)
+    return lay._replace(bv=lay.V) if cfg.block_v is None and lay.n_seqs * lay.H >= 96 else lay
 
 
-def _forward(r, w, k, v, u, s0, cfg: KernelConfig, for_grad: bool = True):
-    B, T, H, K, V, n_chunks, bv = _wkv6_shapes(r, v, cfg)
+def _forward(r, w, k, v, u, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool = True):
+    lay = _wkv6_layout(r, v, cfg, cu_seqlens)
+    B, T, H, K, V = lay.B, lay.T, lay.H, lay.K, lay.V
     sub = cfg.grad_chunk if for_grad else cfg.chunk
     ps, pc, _ = cfg.precisions()
     w_min = log_decay_floor(cfg)
     saved = _saved_dtype(r, cfg, for_grad)
-    states = torch.empty(B, H, n_chunks * (cfg.chunk // sub), K, V, device=r.device, dtype=saved)
-    s_final = torch.empty(B, H, K, V, device=r.device, dtype=torch.float32)
+    states = torch.empty(B, H, lay.n_chunks * (cfg.chunk // sub), K, V, device=r.device, dtype=saved)
+    s_final = torch.empty(lay.n_seqs, H, K, V, device=r.device, dtype=torch.float32)
     y = torch.empty_like(v, dtype=r.dtype)
-    _fwd_state[(V // bv, B * H)](
-        w, k, v, s0 if s0 is not None else s_final, states, s_final,
-        T, H, K, V, bv, cfg.chunk, sub, ps, HAS_S0=s0 is not None, W_MIN=w_min, num_warps=cfg.warps_seq,
+    varlen = dict(VARLEN=lay.packed is not None)
+    cu, first, seq = lay.varlen_args()
+    _fwd_state[(V // lay.bv, lay.n_seqs * H)](
+        w, k, v, s0 if s0 is not None else s_final, states, s_final, cu, first,
+        T, H, K, V, lay.bv, cfg.chunk, sub, ps, HAS_S0=s0 is not None, W_MIN=w_min, **varlen,
+        num_warps=cfg.warps_seq,
     )  # fmt: skip
-    _fwd_out[(n_chunks, B * H)](
-        r, w, k, v, u, states, y, T, H, K, V, cfg.chunk, sub, ps, pc, W_MIN=w_min, HALVES=cfg.pair_halves,
-        num_warps=cfg.warps_chunk,
+    _fwd_out[(lay.n_chunks, B * H)](
+        r, w, k, v, u, states, y, cu, first, seq, T, H, K, V, cfg.chunk, sub, ps, pc, W_MIN=w_min,
+        HALVES=cfg.pair_halves, **varlen, num_warps=cfg.warps_chunk,
     )  # fmt: skip
     return y, s_final, states
 
 
 class _WKV6(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, u, s0, cfg):
-        y, s_final, states = _forward(r, w, k, v, u, s0, cfg)
-        ctx.save_for_backward(r, w, k, v, u, states)
+    def forward(ctx, r, w, k, v, u, s0, cu_seqlens, cfg):
+        y, s_final, states = _forward(r, w, k, v, u, s0, cu_seqlens, cfg)
+        ctx.save_for_backward(r, w, k, v, u, states, cu_seqlens)
         ctx.cfg = cfg
         ctx.s0_dtype = None if s0 is None else s0.dtype
         ctx.set_materialize_grads(False)
@@ -351,37 +367,42 @@ class _WKV6(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds_final):
-        r, w, k, v, u, states = ctx.saved_tensors
+        r, w, k, v, u, states, cu_seqlens = ctx.saved_tensors
         cfg = ctx.cfg
-        B, T, H, K, V, n_chunks, bv = _wkv6_shapes(r, v, cfg)
+        lay = _wkv6_layout(r, v, cfg, cu_seqlens)
+        B, T, H, K, V = lay.B, lay.T, lay.H, lay.K, lay.V
         sub = cfg.grad_chunk
         ps, pc, _ = cfg.precisions()
         w_min = log_decay_floor(cfg)
         dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
         want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[5]
         dstates = torch.empty_like(states)
-        ds0 = torch.empty(B, H, K, V, device=r.device, dtype=torch.float32) if want_ds0 else dstates
-        _bwd_state[(V // bv, B * H)](
-            r, w, dy, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0,
-            T, H, K, V, bv, cfg.chunk, sub, ps,
-            HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, W_MIN=w_min, num_warps=cfg.warps_seq,
+        ds0 = torch.empty(lay.n_seqs, H, K, V, device=r.device, dtype=torch.float32) if want_ds0 else dstates
+        varlen = dict(VARLEN=lay.packed is not None)
+        cu, first, seq = lay.varlen_args()
+        _bwd_state[(V // lay.bv, lay.n_seqs * H)](
+            r, w, dy, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0, cu, first,
+            T, H, K, V, lay.bv, cfg.chunk, sub, ps,
+            HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, W_MIN=w_min, **varlen, num_warps=cfg.warps_seq,
         )  # fmt: skip
         if sub < cfg.chunk:
-            _bwd_substates[(n_chunks, B * H)](
-                r, w, dy, dstates, T, H, K, V, cfg.chunk, sub, ps, W_MIN=w_min, num_warps=cfg.warps_chunk)
+            _bwd_substates[(lay.n_chunks, B * H)](
+                r, w, dy, dstates, cu, first, seq, T, H, K, V, cfg.chunk, sub, ps, W_MIN=w_min, **varlen,
+                num_warps=cfg.warps_chunk,
+            )  # fmt: skip
         grads = [torch.empty_like(x) for x in (r, w, k, v)]
-        du_parts = torch.zeros(B, H, n_chunks * (cfg.chunk // sub), K, device=r.device, dtype=torch.float32)
+        du_parts = torch.zeros(B, H, lay.n_chunks * (cfg.chunk // sub), K, device=r.device, dtype=torch.float32)
         round_once = cfg.round_once and ps == pc == "tf32r"
         ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
-        _bwd_chunk[(triton.cdiv(T, sub), B * H)](
-            r, w, k, v, u, dy, states, dstates, *grads, du_parts,
+        _bwd_chunk[lay.grad_grid(sub, cfg.chunk)](
+            r, w, k, v, u, dy, states, dstates, *grads, du_parts, cu, first, seq,
             T, H, K, V, sub, cfg.chunk, ps_c, pc_c, round_once, round_once and states.dtype == torch.float32,
-            W_MIN=w_min, HALVES=cfg.pair_halves,
+            W_MIN=w_min, HALVES=cfg.pair_halves, **varlen,
             num_warps=cfg.warps_grad,
         )  # fmt: skip
         du = du_parts.sum((0, 2)).to(u.dtype)
         ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
-        return (*grads, du, ds0, None)
+        return (*grads, du, ds0, None, None)
 
 
 @torch.compiler.disable  # one opaque call for torch.compile (it cannot trace the launch wrappers)
@@ -394,15 +415,20 @@ def wkv6_triton(
     initial_state: torch.Tensor | None = None,
     *,
     config: KernelConfig | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `rwkvkit.ops.wkv6.wkv6`: [B, T, H, N] inputs, w = log decay, u [H, N_k],
-    state [B, H, N_k, N_v] float32. Returns y in r's dtype and the final state in float32; differentiable in all
+    state [B, H, N_k, N_v] float32; with cu_seqlens, sequences packed into one row [1, T_total, H, N] and states
+    [N_seqs, H, N_k, N_v] (`rwkvkit.ops.varlen`). Returns y in r's dtype and the final state in float32; differentiable in all
     inputs and initial_state. Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path.
     Log decays below log_decay_floor(config) (-14.4 for DEFAULT_CONFIG) are taken as that floor.
     config None: LONG_CHUNK_CONFIG or SHORT_CHUNK_CONFIG where every log decay is at least its log_decay_floor,
     else DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, r, initial_state)
+        cu_seqlens = cu_seqlens.to(r.device)
     tensors = (r, w, k, v, u) + (() if initial_state is None else (initial_state,))
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if config is None:
@@ -413,10 +439,10 @@ def wkv6_triton(
     if not _supported(r, v, config):
         from rwkvkit.ops.wkv6 import wkv6
 
-        return wkv6(r, w, k, v, u, initial_state, impl="chunked")
+        return wkv6(r, w, k, v, u, initial_state, impl="chunked", cu_seqlens=cu_seqlens)
     r, w, k, v, u = (x.contiguous() for x in (r, w, k, v, u))
     s0 = None if initial_state is None else initial_state.contiguous()
     if wants_grad:
-        return _WKV6.apply(r, w, k, v, u, s0, config)
-    y, s_final, _ = _forward(r, w, k, v, u, s0, config, for_grad=False)
+        return _WKV6.apply(r, w, k, v, u, s0, cu_seqlens, config)
+    y, s_final, _ = _forward(r, w, k, v, u, s0, cu_seqlens, config, for_grad=False)
     return y, s_final

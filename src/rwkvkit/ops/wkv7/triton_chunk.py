@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from rwkvkit.ops import check_triton_device, device_sync_allowed, walk_block_v
+from rwkvkit.ops.varlen import ChunkMap, check_cu_seqlens, chunk_bound, chunk_map
 
 
 class KernelConfig(NamedTuple):
@@ -105,23 +106,50 @@ def _dot(x, y, PREC: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(i_t, i_bh, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, cols_v):
-    """For chunk i_t of batch row x head i_bh: its token positions, which of them exist (T need not be a multiple
-    of C), and the element offsets of its [C, K] tile and of its [C, cols_v] tile in [B, T, H, N] tensors."""
-    i_b = i_bh // H
-    i_h = i_bh % H
+def _tile_offsets(i_t, bos, T, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, cols_v):
+    """For chunk i_t of the sequence of T tokens that starts at token bos (of the flattened batch), head i_h: its
+    token positions, which of them exist (T need not be a multiple of C), and the element offsets of its [C, K]
+    tile and of its [C, cols_v] tile in [B, T, H, N] tensors."""
     tok = i_t * C + tl.arange(0, C)
-    pk = i_b * T * H * K + i_h * K + tok[:, None] * (H * K) + tl.arange(0, K)[None, :]
-    pv = i_b * T * H * V + i_h * V + tok[:, None] * (H * V) + cols_v[None, :]
+    # (the 64-bit scalar part apart: 32-bit products per element)
+    pk = (bos * (H * K) + i_h * K) + tok[:, None] * (H * K) + tl.arange(0, K)[None, :]
+    pv = (bos * (H * V) + i_h * V) + tok[:, None] * (H * V) + cols_v[None, :]
     return tok, (tok < T)[:, None], pk, pv
 
 
 @triton.jit
-def _square_offsets(i_t, i_bh, T, C: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Element offsets of chunk i_t's [C, C] matrix (of batch row x head i_bh) in a [B, H, n_chunks, C, C] tensor,
-    or of its transpose."""
+def _sequence(i_n, i_h, T, H: tl.constexpr, C: tl.constexpr, cu_seqlens, first_chunk, VARLEN: tl.constexpr):
+    """Sequence i_n (a batch row of T tokens, or with VARLEN the i_n-th packed sequence): its first token in the
+    flattened batch, its length, and the flat index of its head i_h's first C-token chunk in the scratch tensors,
+    which hold cdiv(length, C) chunks per sequence and head (`rwkvkit.ops.varlen.ChunkMap`)."""
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        length = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        return bos, length, tl.load(first_chunk + i_n).to(tl.int64) * H + i_h * tl.cdiv(length, C)
+    else:
+        return i_n * T, T, (i_n * H + i_h) * tl.cdiv(T, C)
+
+
+@triton.jit
+def _chunk_program(H: tl.constexpr, PER: tl.constexpr, chunk_seq, first_chunk, VARLEN: tl.constexpr):
+    """A chunk-parallel program's sequence, head and chunk within the sequence, counted in 1/PER-ths of the walks'
+    chunks. Grids: (chunks per row, B * H), or with VARLEN (the flat chunk bound x PER, H), whose spare programs
+    past the last chunk get sequence -1."""
+    if VARLEN:
+        i_c = tl.program_id(0)
+        i_n = tl.load(chunk_seq + i_c // PER)
+        return i_n, tl.program_id(1), i_c - tl.load(first_chunk + tl.maximum(i_n, 0)) * PER
+    else:
+        i_bh = tl.program_id(1).to(tl.int64)
+        return i_bh // H, i_bh % H, tl.program_id(0)
+
+
+@triton.jit
+def _square_offsets(chunk, C: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Element offsets of the [C, C] matrix of flat chunk index `chunk` in a [..., n_chunks, C, C] tensor, or of its
+    transpose."""
     rows = tl.arange(0, C)
-    first = (i_bh * tl.cdiv(T, C) + i_t) * C * C
+    first = chunk * C * C
     if TRANSPOSED:
         return first + rows[None, :] * C + rows[:, None]
     return first + rows[:, None] * C + rows[None, :]
@@ -175,19 +203,23 @@ def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexp
 
 @triton.jit
 def _fwd_prep(
-    w, k, v, a, b, wa, uv, b_end, k_end, e_end_c, solve_out,
+    w, k, v, a, b, wa, uv, b_end, k_end, e_end_c, solve_out, cu_seqlens, first_chunk, chunk_seq,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr, STORE_SOLVE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V;
     and for the walk's S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e: B_e, K_e and e^{G_C}. STORE_SOLVE: the
     solve (I - M_ab)^{-1} too, which the backward's preparation needs again."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
+    if i_n < 0:  # a spare program of a packed-sequence grid
+        return
+    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    chunk = base + i_t
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    scratch = i_bh * tl.cdiv(T, C) * C + tok[:, None]
+    tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
+    scratch = chunk * C + tl.arange(0, C)[:, None]
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
     aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
@@ -199,68 +231,72 @@ def _fwd_prep(
     m_ak = _pair_matrix(a_in, kk * e_m_g, False, C, PC)
     solve = _unit_lower_inverse(m_ab, C, LOG2C, PI)
     if STORE_SOLVE:
-        tl.store(solve_out + _square_offsets(i_t, i_bh, T, C, False), solve)
+        tl.store(solve_out + _square_offsets(chunk, C, False), solve)
     tl.store(wa + scratch * K + cols_k[None, :], _dot(solve, aa * e_gp, PC))
     m_ak_v = _dot(m_ak, vv, PC)
     tl.store(uv + scratch * V + cols_v[None, :], _dot(solve, m_ak_v, PC))
     tl.store(b_end + scratch * K + cols_k[None, :], bb * e_end_g)
     tl.store(k_end + scratch * K + cols_k[None, :], kk * e_end_g)
-    tl.store(e_end_c + (i_bh * tl.cdiv(T, C) + i_t) * K + cols_k, e_end)
+    tl.store(e_end_c + chunk * K + cols_k, e_end)
 
 
 @triton.jit
 def _fwd_state(
-    v, wa, uv, b_end, k_end, e_end_c, u, s0, states, s_final,
+    v, wa, uv, b_end, k_end, e_end_c, u, s0, states, s_final, cu_seqlens, first_chunk,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """The sequential part: walk the chunks, U = uv + wa S_0^T, S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e."""
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    n_chunks = tl.cdiv(T, C)
+    i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
+    i_h = i_sh % H
+    bos, T, base = _sequence(i_sh // H, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_v[:, None] * K + cols_k[None, :]
     if HAS_S0:
-        S = tl.load(s0 + i_bh * V * K + s_offs).to(tl.float32)
+        S = tl.load(s0 + i_sh * V * K + s_offs).to(tl.float32)
     else:
         S = tl.zeros([BV, K], dtype=tl.float32)
-    for i_t in range(n_chunks):
-        tl.store(states + (i_bh * n_chunks + i_t) * (C // SUB) * V * K + s_offs, S)
-        tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-        scratch = i_bh * n_chunks * C + tok[:, None]
+    for i_t in range(tl.cdiv(T, C)):
+        chunk = base + i_t
+        tl.store(states + chunk * (C // SUB) * V * K + s_offs, S)
+        tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
+        scratch = chunk * C + tl.arange(0, C)[:, None]
         vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
         w_a = tl.load(wa + scratch * K + cols_k[None, :])
         U = tl.load(uv + scratch * V + cols_v[None, :])
         b_e = tl.load(b_end + scratch * K + cols_k[None, :]).to(tl.float32)
         k_e = tl.load(k_end + scratch * K + cols_k[None, :]).to(tl.float32)
-        e_end = tl.load(e_end_c + (i_bh * n_chunks + i_t) * K + cols_k)
+        e_end = tl.load(e_end_c + chunk * K + cols_k)
         U += _dot(w_a, tl.trans(S), PS)
         tl.store(u + scratch * V + cols_v[None, :], U)
         S = S * e_end[None, :]
         S += _dot(tl.trans(U), b_e, PS)
         S += _dot(tl.trans(vv), k_e, PS)
-    tl.store(s_final + i_bh * V * K + s_offs, S)
+    tl.store(s_final + i_sh * V * K + s_offs, S)
 
 
 @triton.jit
 def _fwd_out(
-    r, w, k, v, b, u, states, y,
+    r, w, k, v, b, u, states, y, cu_seqlens, first_chunk, chunk_seq,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """y = R~ S_0^T + M_rb U + M_rk V for one chunk; with SUB < C also the states at the starts of its SUB-token
     sub-chunks, S_p = S_0 diag(e^{G_p}) + sum_{j<p} (u_j b_j^T + v_j k_j^T) diag(e^{G_p-G_j}), for the gradient
     kernel."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    n_chunks = tl.cdiv(T, C)
+    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
+    if i_n < 0:  # a spare program of a packed-sequence grid
+        return
+    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    chunk = base + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    scratch = i_bh * n_chunks * C + tok[:, None]
-    p_state = (i_bh * n_chunks + i_t) * (C // SUB) * V * K + cols_v[:, None] * K + cols_k[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
+    scratch = chunk * C + rows[:, None]
+    p_state = chunk * (C // SUB) * V * K + cols_v[:, None] * K + cols_k[None, :]
     S0 = tl.load(states + p_state).to(tl.float32)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
@@ -285,17 +321,21 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_prep(
-    r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end_c, g_sub,
+    r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end_c, g_sub, cu_seqlens, first_chunk, chunk_seq,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T, with the solve
     the forward stored; and for the walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
+    if i_n < 0:  # a spare program of a packed-sequence grid
+        return
+    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    chunk = base + i_t
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    scratch = i_bh * tl.cdiv(T, C) * C + tok[:, None]
+    tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
+    scratch = chunk * C + tl.arange(0, C)[:, None]
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
@@ -304,72 +344,76 @@ def _bwd_prep(
     e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
     b_in = bb * e_m_g
     m_rb = _pair_matrix(rr * e_g_m, b_in, True, C, PC)
-    solve_t = tl.load(solve + _square_offsets(i_t, i_bh, T, C, True))
+    solve_t = tl.load(solve + _square_offsets(chunk, C, True))
     du_y = _dot(tl.trans(m_rb), do, PC)
     tl.store(p1 + scratch * V + cols_v[None, :], _dot(solve_t, du_y, PC))
     tl.store(wb + scratch * K + cols_k[None, :], _dot(solve_t, bb * e_end_g, PC))
     tl.store(r_s + scratch * K + cols_k[None, :], rr * e_g)
     tl.store(a_s + scratch * K + cols_k[None, :], aa * e_gp)
-    tl.store(e_end_c + (i_bh * tl.cdiv(T, C) + i_t) * K + cols_k, e_end)
+    tl.store(e_end_c + chunk * K + cols_k, e_end)
     G = tl.cumsum(ww, 0)
     for m in tl.static_range(1, C // SUB):  # G at the sub-chunk boundaries, for the walk's dL/dS there
-        tl.store(g_sub + ((i_bh * tl.cdiv(T, C) + i_t) * (C // SUB) + m) * K + cols_k, _row(G, m * SUB - 1, C))
+        tl.store(g_sub + (chunk * (C // SUB) + m) * K + cols_k, _row(G, m * SUB - 1, C))
 
 
 @triton.jit
 def _bwd_state(
-    dy, p1, wb, r_s, a_s, e_end_c, g_sub, dw_u, ds_final, dstates, ds0,
+    dy, p1, wb, r_s, a_s, e_end_c, g_sub, dw_u, ds_final, dstates, ds0, cu_seqlens, first_chunk,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dL/dS at each chunk end, walking back: dW = p1 + wb dS_C^T, dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~;
     and at the SUB-token sub-chunk boundaries inside each chunk (the states the gradient kernel starts from)."""
     i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
+    i_h = i_sh % H
+    bos, T, base = _sequence(i_sh // H, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     n_chunks = tl.cdiv(T, C)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_v[:, None] * K + cols_k[None, :]
     if HAS_DS_FINAL:
-        dS = tl.load(ds_final + i_bh * V * K + s_offs).to(tl.float32)
+        dS = tl.load(ds_final + i_sh * V * K + s_offs).to(tl.float32)
     else:
         dS = tl.zeros([BV, K], dtype=tl.float32)
     for i_back in range(n_chunks):
         i_t = n_chunks - 1 - i_back
-        tl.store(dstates + ((i_bh * n_chunks + i_t + 1) * (C // SUB) - 1) * V * K + s_offs, dS)
-        tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-        scratch = i_bh * n_chunks * C + tok[:, None]
+        chunk = base + i_t
+        tl.store(dstates + ((chunk + 1) * (C // SUB) - 1) * V * K + s_offs, dS)
+        tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
+        scratch = chunk * C + tl.arange(0, C)[:, None]
         do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
         w_b = tl.load(wb + scratch * K + cols_k[None, :])
         dW = tl.load(p1 + scratch * V + cols_v[None, :])
         r_e = tl.load(r_s + scratch * K + cols_k[None, :]).to(tl.float32)
         a_e = tl.load(a_s + scratch * K + cols_k[None, :]).to(tl.float32)
-        e_end = tl.load(e_end_c + (i_bh * n_chunks + i_t) * K + cols_k)
+        e_end = tl.load(e_end_c + chunk * K + cols_k)
         dW += _dot(w_b, tl.trans(dS), PS)
         tl.store(dw_u + scratch * V + cols_v[None, :], dW)
         # dL/dS at the inner sub-chunk boundaries p (for the gradient kernel); off the walk's dependency chain:
         # dS_p = dS_C diag(e^{G_C-G_p}) + sum_{t>=p} dy_t (r_t e^{G_t-G_p})^T + dW_t (a_t e^{G_{t-1}-G_p})^T
         for m in tl.static_range(1, C // SUB):
-            inv_p = tl.exp(-tl.load(g_sub + ((i_bh * n_chunks + i_t) * (C // SUB) + m) * K + cols_k))
+            inv_p = tl.exp(-tl.load(g_sub + (chunk * (C // SUB) + m) * K + cols_k))
             after = (tl.arange(0, C) >= m * SUB)[:, None]
             dS_p = dS * (e_end * inv_p)[None, :]
             dS_p += _dot(tl.trans(do), tl.where(after, r_e * inv_p[None, :], 0.0), PS)
             dS_p += _dot(tl.trans(dW), tl.where(after, a_e * inv_p[None, :], 0.0), PS)
-            tl.store(dstates + ((i_bh * n_chunks + i_t) * (C // SUB) + m - 1) * V * K + s_offs, dS_p)
+            tl.store(dstates + (chunk * (C // SUB) + m - 1) * V * K + s_offs, dS_p)
         dS = dS * e_end[None, :]
         dS += _dot(tl.trans(do), r_e, PS)
         dS += _dot(tl.trans(dW), a_e, PS)
     if WANT_DS0:
-        tl.store(ds0 + i_bh * V * K + s_offs, dS)
+        tl.store(ds0 + i_sh * V * K + s_offs, dS)
 
 
 @triton.jit
 def _bwd_chunk(
     r, w, k, v, a, b, dy, u, dw_u, states, dstates,
-    dr, dw, dk, dv, da, db,
+    dr, dw, dk, dv, da, db, cu_seqlens, first_chunk, chunk_seq,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
-    ROUND_STATES: tl.constexpr,
+    ROUND_STATES: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """All input gradients of one chunk, from S_0, dS_C and the forward's U and the backward's dW.
 
@@ -380,15 +424,17 @@ def _bwd_chunk(
     ROUND_ONCE (for "tf32r"): round every operand to tf32 once where it is made, and multiply with plain "tf32";
     ROUND_STATES: the states too (False when they are stored in bf16, which tf32 holds exactly).
     C tokens per program; the states and scratch are laid out by the walks' WALK-token chunks (C divides WALK)."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    n_chunks = tl.cdiv(T, WALK) * (WALK // C)
+    i_n, i_h, i_t = _chunk_program(H, WALK // C, chunk_seq, first_chunk, VARLEN)
+    if i_n < 0:  # a spare program of a packed-sequence grid
+        return
+    bos, T, base = _sequence(i_n, i_h, T, H, WALK, cu_seqlens, first_chunk, VARLEN)
+    chunk = base * (WALK // C) + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
-    tok, live, pk, pv = _tile_offsets(i_t, i_bh, T, H, K, V, C, cols_v)
-    scratch = (i_bh * n_chunks * C + tok[:, None]) * V + cols_v[None, :]
-    p_state = (i_bh * n_chunks + i_t) * V * K + cols_v[:, None] * K + cols_k[None, :]
+    tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
+    scratch = (chunk * C + rows[:, None]) * V + cols_v[None, :]
+    p_state = chunk * V * K + cols_v[:, None] * K + cols_k[None, :]
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
     g_end = tl.sum(ww, 0)
@@ -497,11 +543,40 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def _shapes(r, v, cfg: KernelConfig):
-    """B, T, H, K, V, the number of chunks and the value rows per program of the walks (WKV7 and WKV6)."""
+class _Layout(NamedTuple):
+    """What the launches need to know of a call's shapes (WKV7 and WKV6)."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    n_seqs: int  # B, or the number of packed sequences
+    n_chunks: int  # walk chunks per batch row of the scratch tensors (packed: their one row's chunk bound)
+    bv: int  # value rows per program of the walks
+    packed: ChunkMap | None
+
+    def varlen_args(self) -> tuple:
+        """The kernels' cu_seqlens, first_chunk, chunk_seq (None: their VARLEN code is compiled out)."""
+        m = self.packed
+        return (None, None, None) if m is None else (m.cu_seqlens, m.first_chunk, m.chunk_seq)
+
+    def grad_grid(self, sub: int, walk: int) -> tuple[int, int]:
+        """The gradient kernel's grid, sub-token programs laid out by walk-token chunks."""
+        if self.packed is None:
+            return triton.cdiv(self.T, sub), self.B * self.H
+        return self.n_chunks * (walk // sub), self.H
+
+
+def _layout(r, v, cfg: KernelConfig, cu_seqlens: torch.Tensor | None) -> _Layout:
     B, T, H, K = r.shape
     V = v.shape[-1]
-    return B, T, H, K, V, triton.cdiv(T, cfg.chunk), walk_block_v(B * H, V, cfg.block_v)
+    if cu_seqlens is None:
+        n_seqs, n_chunks, packed = B, triton.cdiv(T, cfg.chunk), None
+    else:
+        packed = chunk_map(cu_seqlens, T, cfg.chunk)
+        n_seqs, n_chunks = packed.n_seqs, packed.n_chunks
+    return _Layout(B, T, H, K, V, n_seqs, n_chunks, walk_block_v(n_seqs * H, V, cfg.block_v), packed)
 
 
 def _seq_launch(cfg: KernelConfig) -> dict:
@@ -520,11 +595,12 @@ def _walk_operand_dtype(r: torch.Tensor, cfg: KernelConfig) -> torch.dtype:
     return torch.float16 if half else torch.float32
 
 
-def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig, for_grad: bool = True):
+def _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool = True):
     """y, the final state, and for the backward the state at the start of every grad_chunk-token sub-chunk, U and
     each chunk's solve (I - M_ab)^{-1}. for_grad False: states only at the chunk starts (the output needs no more),
     no solve (None)."""
-    B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
+    lay = _layout(r, v, cfg, cu_seqlens)
+    B, T, H, K, V, n_chunks = lay.B, lay.T, lay.H, lay.K, lay.V, lay.n_chunks
     C = cfg.chunk
     sub = cfg.grad_chunk if for_grad else C
     ps, pc, pi = cfg.precisions()
@@ -538,21 +614,25 @@ def _forward(r, w, k, v, a, b, s0, cfg: KernelConfig, for_grad: bool = True):
     solve = torch.empty(B, H, n_chunks, C, C, **f32) if for_grad else None
     saved = _saved_dtype(r, cfg, for_grad)
     states = torch.empty(B, H, n_chunks * (C // sub), V, K, device=r.device, dtype=saved)
-    s_final = torch.empty(B, H, V, K, **f32)
+    s_final = torch.empty(lay.n_seqs, H, V, K, **f32)
     y = torch.empty_like(v, dtype=r.dtype)
     chunks = (n_chunks, B * H)
-    _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, e_end if solve is None else solve,
-                      T, H, K, V, C, _log2(C), pc, pi, for_grad, num_warps=cfg.warps_chunk)
-    _fwd_state[(V // bv, B * H)](
-        v, wa, uv, b_end, k_end, e_end, u, s0 if s0 is not None else s_final, states, s_final,
-        T, H, K, V, bv, C, sub, ps, HAS_S0=s0 is not None, **_seq_launch(cfg),
+    varlen = dict(VARLEN=lay.packed is not None)
+    cu, first, seq = lay.varlen_args()
+    _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, e_end if solve is None else solve, cu, first, seq,
+                      T, H, K, V, C, _log2(C), pc, pi, for_grad, **varlen, num_warps=cfg.warps_chunk)
+    _fwd_state[(V // lay.bv, lay.n_seqs * H)](
+        v, wa, uv, b_end, k_end, e_end, u, s0 if s0 is not None else s_final, states, s_final, cu, first,
+        T, H, K, V, lay.bv, C, sub, ps, HAS_S0=s0 is not None, **varlen, **_seq_launch(cfg),
     )  # fmt: skip
-    _fwd_out[chunks](r, w, k, v, b, u, states, y, T, H, K, V, C, sub, ps, pc, num_warps=cfg.warps_chunk)
+    _fwd_out[chunks](r, w, k, v, b, u, states, y, cu, first, seq, T, H, K, V, C, sub, ps, pc, **varlen,
+                     num_warps=cfg.warps_chunk)
     return y, s_final, states, u, solve
 
 
-def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, cfg: KernelConfig):
-    B, T, H, K, V, n_chunks, bv = _shapes(r, v, cfg)
+def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, cu_seqlens, cfg: KernelConfig):
+    lay = _layout(r, v, cfg, cu_seqlens)
+    B, T, H, K, V, n_chunks = lay.B, lay.T, lay.H, lay.K, lay.V, lay.n_chunks
     C, sub = cfg.chunk, cfg.grad_chunk
     ps, pc, pi = cfg.precisions()
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
@@ -565,21 +645,24 @@ def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, 
     e_end = torch.empty(B, H, n_chunks, K, **f32)
     g_sub = torch.empty(B, H, n_chunks, C // sub, K, **f32)
     dstates = torch.empty_like(states)
-    ds0 = torch.empty(B, H, V, K, **f32) if want_ds0 else dstates
+    ds0 = torch.empty(lay.n_seqs, H, V, K, **f32) if want_ds0 else dstates
     chunks = (n_chunks, B * H)
-    _bwd_prep[chunks](r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end, g_sub, T, H, K, V, C, sub, pc,
-                      num_warps=cfg.warps_chunk)
+    varlen = dict(VARLEN=lay.packed is not None)
+    cu, first, seq = lay.varlen_args()
+    _bwd_prep[chunks](r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end, g_sub, cu, first, seq, T, H, K, V, C, sub, pc,
+                      **varlen, num_warps=cfg.warps_chunk)
     ds_in = ds_final.contiguous() if ds_final is not None else dstates  # (a placeholder when there is none)
-    _bwd_state[(V // bv, B * H)](
-        dy, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0,
-        T, H, K, V, bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **_seq_launch(cfg),
+    _bwd_state[(V // lay.bv, lay.n_seqs * H)](
+        dy, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0, cu, first,
+        T, H, K, V, lay.bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **varlen,
+        **_seq_launch(cfg),
     )  # fmt: skip
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     round_once = cfg.round_once and ps == pc == "tf32r"
     ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
-    _bwd_chunk[(triton.cdiv(T, sub), B * H)](
-        r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads,
-        T, H, K, V, sub, C, ps_c, pc_c, round_once, round_once and states.dtype == torch.float32,
+    _bwd_chunk[lay.grad_grid(sub, C)](
+        r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads, cu, first, seq,
+        T, H, K, V, sub, C, ps_c, pc_c, round_once, round_once and states.dtype == torch.float32, **varlen,
         num_warps=cfg.warps_grad,
     )  # fmt: skip
     return grads, (ds0 if want_ds0 else None)
@@ -589,9 +672,9 @@ class _WKV7(torch.autograd.Function):
     """Any KernelConfig (tests, benchmarks); the default config also has an op form for torch.compile below."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, cfg):
-        y, s_final, states, u, solve = _forward(r, w, k, v, a, b, s0, cfg)
-        ctx.save_for_backward(r, w, k, v, a, b, states, u, solve)
+    def forward(ctx, r, w, k, v, a, b, s0, cu_seqlens, cfg):
+        y, s_final, states, u, solve = _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg)
+        ctx.save_for_backward(r, w, k, v, a, b, states, u, solve, cu_seqlens)
         ctx.cfg = cfg
         ctx.s0_dtype = None if s0 is None else s0.dtype
         ctx.set_materialize_grads(False)
@@ -600,8 +683,13 @@ class _WKV7(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds_final):
         want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[6]
-        grads, ds0 = _backward(*ctx.saved_tensors, dy, ds_final, want_ds0, ctx.cfg)
-        return (*grads, None if ds0 is None else ds0.to(ctx.s0_dtype), None)
+        *saved, cu_seqlens = ctx.saved_tensors
+        grads, ds0 = _backward(*saved, dy, ds_final, want_ds0, cu_seqlens, ctx.cfg)
+        return (*grads, None if ds0 is None else ds0.to(ctx.s0_dtype), None, None)
+
+
+def _n_seqs(r: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    return r.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 # The same forward/backward as registered torch ops: torch.compile keeps them as single opaque calls inside its
@@ -609,22 +697,23 @@ class _WKV7(torch.autograd.Function):
 # Explicit schemas: torch 2.4-2.6 cannot read this module's string annotations (`from __future__ import annotations`).
 @torch.library.custom_op(
     "rwkvkit::wkv7_fwd", mutates_args=(),
-    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0) "
+    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0, Tensor? cu_seqlens) "
            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _wkv7_fwd_op(r, w, k, v, a, b, s0):
-    return _forward(r, w, k, v, a, b, s0, DEFAULT_CONFIG)
+def _wkv7_fwd_op(r, w, k, v, a, b, s0, cu_seqlens):
+    return _forward(r, w, k, v, a, b, s0, cu_seqlens, DEFAULT_CONFIG)
 
 
 @_wkv7_fwd_op.register_fake
-def _(r, w, k, v, a, b, s0):
+def _(r, w, k, v, a, b, s0, cu_seqlens):
     B, T, H, K = r.shape
     V = v.shape[-1]
     C, sub = DEFAULT_CONFIG.chunk, DEFAULT_CONFIG.grad_chunk
-    n = -(-T // C)
+    n_seqs = _n_seqs(r, cu_seqlens)
+    n = -(-T // C) if cu_seqlens is None else chunk_bound(T, n_seqs, C)
     f32 = dict(device=r.device, dtype=torch.float32)
     saved = dict(device=r.device, dtype=_saved_dtype(r, DEFAULT_CONFIG, True))
-    return (v.new_empty(B, T, H, V, dtype=r.dtype), r.new_empty(B, H, V, K, **f32),
+    return (v.new_empty(B, T, H, V, dtype=r.dtype), r.new_empty(n_seqs, H, V, K, **f32),
             r.new_empty(B, H, n * (C // sub), V, K, **saved), r.new_empty(B, H, n * C, V, **f32),
             r.new_empty(B, H, n, C, C, **f32))
 
@@ -632,24 +721,25 @@ def _(r, w, k, v, a, b, s0):
 @torch.library.custom_op(
     "rwkvkit::wkv7_bwd", mutates_args=(),
     schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor u, Tensor solve, "
-           "Tensor dy, Tensor? ds_final, bool want_ds0) -> Tensor[]",
+           "Tensor dy, Tensor? ds_final, bool want_ds0, Tensor? cu_seqlens) -> Tensor[]",
 )
-def _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0):
-    grads, ds0 = _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, DEFAULT_CONFIG)
+def _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens):
+    grads, ds0 = _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens, DEFAULT_CONFIG)
     return grads + ([ds0] if want_ds0 else [])
 
 
 @_wkv7_bwd_op.register_fake
-def _(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0):
+def _(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens):
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-    B, T, H, K = r.shape
-    return grads + ([r.new_empty(B, H, v.shape[-1], K, dtype=torch.float32)] if want_ds0 else [])
+    K = r.shape[-1]
+    ds0 = r.new_empty(_n_seqs(r, cu_seqlens), r.shape[2], v.shape[-1], K, dtype=torch.float32)
+    return grads + ([ds0] if want_ds0 else [])
 
 
 def _op_setup(ctx, inputs, output):
-    r, w, k, v, a, b, s0 = inputs
+    r, w, k, v, a, b, s0, cu_seqlens = inputs
     _, _, states, u, solve = output
-    ctx.save_for_backward(r, w, k, v, a, b, states, u, solve)
+    ctx.save_for_backward(r, w, k, v, a, b, states, u, solve, cu_seqlens)
     ctx.s0_dtype = None if s0 is None else s0.dtype
     # unused outputs (the final state, the saved per-chunk tensors) then get None, not zero tensors of their size
     ctx.set_materialize_grads(False)
@@ -657,10 +747,10 @@ def _op_setup(ctx, inputs, output):
 
 def _op_backward(ctx, dy, ds_final, _d_states, _d_u, _d_solve):
     want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[6]
-    r, w, k, v, a, b, states, u, solve = ctx.saved_tensors
+    r, w, k, v, a, b, states, u, solve, cu_seqlens = ctx.saved_tensors
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy
-    out = _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0)
-    return (*out[:6], out[6].to(ctx.s0_dtype) if want_ds0 else None)
+    out = _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens)
+    return (*out[:6], out[6].to(ctx.s0_dtype) if want_ds0 else None, None)
 
 
 _wkv7_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
@@ -706,8 +796,11 @@ def wkv7_triton(
     *,
     config: KernelConfig | None = None,
     log_decay_min: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `rwkvkit.ops.wkv7.wkv7`: [B, T, H, N] inputs, w = log decay, state [B, H, N_v, N_k] fp32.
+    """Same contract as `rwkvkit.ops.wkv7.wkv7`: [B, T, H, N] inputs, w = log decay, state [B, H, N_v, N_k] fp32;
+    with cu_seqlens, sequences packed into one row [1, T_total, H, N] and states [N_seqs, H, N_v, N_k]
+    (`rwkvkit.ops.varlen`).
 
     Returns y in r's dtype and the final state in float32; differentiable in all inputs and initial_state.
     Head sizes that are not a power of two in [16, 128] go to the chunked PyTorch path. config None: DEFAULT_CONFIG.
@@ -718,6 +811,9 @@ def wkv7_triton(
     for any w <= 0).
     """
     check_triton_device(r, "WKV kernels", "chunked")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, r, initial_state)
+        cu_seqlens = cu_seqlens.to(r.device)
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
     config = DEFAULT_CONFIG if config is None else config
@@ -732,14 +828,14 @@ def wkv7_triton(
     if not supported or (log_decay_min is not None and log_decay_min < log_decay_floor(config)):
         from rwkvkit.ops.wkv7 import wkv7
 
-        return wkv7(r, w, k, v, a, b, initial_state, impl="chunked")
+        return wkv7(r, w, k, v, a, b, initial_state, impl="chunked", cu_seqlens=cu_seqlens)
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     s0 = None if initial_state is None else initial_state.contiguous()
     # under torch.compile only the default config is a registered op (an opaque call in the graph)
     if config is DEFAULT_CONFIG and (wants_grad or torch.compiler.is_compiling()):
-        y, s_final, *_ = _wkv7_fwd_op(r, w, k, v, a, b, s0)
+        y, s_final, *_ = _wkv7_fwd_op(r, w, k, v, a, b, s0, cu_seqlens)
         return y, s_final
     if wants_grad:
-        return _WKV7.apply(r, w, k, v, a, b, s0, config)
-    y, s_final, *_ = _forward(r, w, k, v, a, b, s0, config, for_grad=False)
+        return _WKV7.apply(r, w, k, v, a, b, s0, cu_seqlens, config)
+    y, s_final, *_ = _forward(r, w, k, v, a, b, s0, cu_seqlens, config, for_grad=False)
     return y, s_final
