@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_interpreter import check_bf16_saved_states, device_for_kernel_tests, fill_new_buffers_with_nan
+from triton_interpreter import (
+    check_bf16_saved_states, count_chunks_on, device_for_kernel_tests, fill_new_buffers_with_nan,
+)
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk")
 ON_GPU = DEVICE == "cuda"
@@ -76,9 +78,10 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, halves, monkeyp
         assert rel_err(g, w) < 2e-5, name
 
 
-@pytest.mark.parametrize("chunk, grad_chunk, halves, with_state", [(16, 16, True, True), (32, 16, False, False),
-                                                                   (32, 32, False, True)])
-def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, halves, with_state, monkeypatch):
+@pytest.mark.parametrize("chunk, grad_chunk, halves, with_state, cu_on", [
+    (16, 16, True, True, "host"), (32, 16, False, False, "device"), (32, 32, False, True, "host"),
+    (16, 16, True, False, "device")])
+def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, halves, with_state, cu_on, monkeypatch):
     """cu_seqlens: as for WKV7, packed sequences of odd lengths (one empty, one of a single token) against the naive
     loop on each alone, into NaN-filled buffers; the bonus u's gradient sums over the sequences."""
     lengths = PACKED_LENGTHS
@@ -87,7 +90,7 @@ def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, halves, w
     state = torch.randn(n, 2, HEAD, HEAD, device=DEVICE) * 0.5 if with_state else None
     dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(n, 2, HEAD, HEAD, device=DEVICE)
-    cu = cu_seqlens_of(lengths).to(DEVICE)
+    cu = count_chunks_on(cu_on, cu_seqlens_of(lengths).to(DEVICE), monkeypatch)
     cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_halves=halves)
     want = run(lambda *x: wkv6(*x, impl="naive", cu_seqlens=cu), inputs, state, dy, ds)
     fill_new_buffers_with_nan(monkeypatch)

@@ -9,7 +9,9 @@ import shutil
 
 import pytest
 import torch
-from triton_interpreter import check_bf16_saved_states, device_for_kernel_tests, fill_new_buffers_with_nan
+from triton_interpreter import (
+    check_bf16_saved_states, count_chunks_on, device_for_kernel_tests, fill_new_buffers_with_nan,
+)
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk")
 ON_GPU = DEVICE == "cuda"
@@ -87,12 +89,14 @@ def packed_case(lengths, with_state, seed):
         torch.randn(n, 2, HEAD, HEAD, device=DEVICE)
 
 
-@pytest.mark.parametrize("chunk, grad_chunk, with_state", [(16, 16, True), (32, 16, False), (32, 16, True)])
-def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, with_state, monkeypatch):
+@pytest.mark.parametrize("chunk, grad_chunk, with_state, cu_on", [
+    (16, 16, True, "host"), (32, 16, False, "host"), (32, 16, True, "device"), (16, 16, False, "device")])
+def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, with_state, cu_on, monkeypatch):
     """cu_seqlens: sequences of odd lengths (one empty, one of a single token) packed in one row, one launch per
-    kernel (grids sized by a bound, so some programs are spare), against the naive loop on each sequence alone:
-    outputs, every final state and all gradients, into NaN-filled buffers."""
+    kernel, against the naive loop on each sequence alone: outputs, every final state and all gradients, into
+    NaN-filled buffers."""
     inputs, cu, state, dy, ds = packed_case(PACKED_LENGTHS, with_state, seed=14)
+    cu = count_chunks_on(cu_on, cu, monkeypatch)
     cfg = triton_chunk.KernelConfig(chunk=chunk, grad_chunk=grad_chunk, **EXACT)
     want = run(lambda *x: wkv7(*x, impl="naive", cu_seqlens=cu), inputs, state, dy, ds)
     fill_new_buffers_with_nan(monkeypatch)

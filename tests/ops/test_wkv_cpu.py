@@ -296,3 +296,23 @@ def test_bad_cu_seqlens_are_named(op):
     two_rows, _ = op.make(2, 10, seed=22)
     with pytest.raises(ConfigError, match="one batch row"):
         op.dispatch(*two_rows, impl="chunked", cu_seqlens=torch.tensor([0, 10]))
+
+
+def test_chunk_maps_counted_or_bounded_agree(monkeypatch):
+    """The kernels' packed-sequence tables: counted from CPU cu_seqlens, or sized by chunk_bound (as from GPU ones,
+    whose count would wait for the GPU) with the spare rows marked -1; the same rows either way, and kept for the
+    next call with the same cu_seqlens until it changes in place."""
+    from rwkvkit.ops import varlen
+
+    cu = cu_seqlens_of(PACKED_LENGTHS)  # chunks of 16: 1 + 0 + 3 + 1 + 1 + 2
+    exact = varlen.chunk_map(cu, 79, 16, torch.device("cpu"))
+    assert exact.n_chunks == 8 and exact.n_seqs == 6
+    assert exact.seq_table.tolist() == [[0, 5, 0, 0], [5, 0, 1, 0], [5, 37, 1, 0], [42, 16, 4, 0], [58, 1, 5, 0],
+                                        [59, 20, 6, 0]]
+    assert exact.chunk_table[:, 0].tolist() == [0, 0, 1, 2, 0, 0, 0, 1]  # each chunk's place in its sequence
+    assert varlen.chunk_map(cu, 79, 16, torch.device("cpu")) is exact
+    monkeypatch.setattr(varlen, "counting_is_free", lambda cu: False)
+    cu += 0  # an in-place change: a new map
+    bound = varlen.chunk_map(cu, 79, 16, torch.device("cpu"))
+    assert bound.n_chunks == varlen.chunk_bound(79, 6, 16) == 10
+    assert torch.equal(bound.chunk_table[:8], exact.chunk_table) and bound.chunk_table[8:, 0].tolist() == [-1, -1]

@@ -72,3 +72,20 @@ def check_bf16_saved_states(monkeypatch, kernel_module, run_config, config, want
     for name, half, full, w in zip(names, half_err, full_err, want):
         floor = rel_rms(w.bfloat16(), w)
         assert half <= 1.35 * full and (half < 1.2 * floor or not ON_GPU), (name, half / floor, full / floor)
+
+
+def count_chunks_on(where: str, cu_seqlens, monkeypatch):
+    """cu_seqlens on the CPU ("host": the packed kernels' grids count the chunks exactly) or as on a GPU ("device":
+    grids sized by a bound, with spare programs): there, or in the interpreter by making counting look costly.
+    Map caching is reset until monkeypatch.undo()."""
+    from collections import OrderedDict
+
+    from rwkvkit.ops import varlen
+
+    monkeypatch.setattr(varlen, "_MAPS", OrderedDict())
+    if where == "host":
+        return cu_seqlens.cpu()
+    if ON_GPU:
+        return cu_seqlens.cuda()
+    monkeypatch.setattr(varlen, "counting_is_free", lambda cu: False)
+    return cu_seqlens

@@ -8,6 +8,7 @@ This is how packed training batches and a server's batched prefill avoid padding
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, NamedTuple
 
 import torch
@@ -50,17 +51,17 @@ def per_sequence(
 
 
 class ChunkMap(NamedTuple):
-    """Where the kernels find each sequence's C-token chunks, built on the device without waiting for it.
+    """Where the kernels find each packed sequence and each C-token chunk, as int32 rows of four (one 16-byte load).
 
-    Chunk c of sequence n (of cdiv(length_n, C)) has the flat index first_chunk[n] + c; chunk_seq[i] is the
-    sequence of flat chunk i, or -1 for the spare entries past the last chunk: the kernels' grids are sized by
-    `chunk_bound` (known from the shapes) rather than the exact count (which would wait for the GPU)."""
+    seq_table[n] = (first token, length, first chunk, 0) of sequence n, whose chunk c (of cdiv(length, C)) has the
+    flat index first chunk + c; chunk_table[i] = (c, first token, length, first chunk) of the sequence flat chunk i
+    belongs to. Built from CPU cu_seqlens, the table has exactly the chunks there are; from GPU ones (counting them
+    would wait for the GPU), `chunk_bound` rows, the spare ones with c = -1."""
 
-    cu_seqlens: torch.Tensor  # [N + 1] int32
-    first_chunk: torch.Tensor  # [N] int32
-    chunk_seq: torch.Tensor  # [chunk_bound] int32
+    seq_table: torch.Tensor  # [N, 4] int32
+    chunk_table: torch.Tensor  # [n_chunks, 4] int32
     n_seqs: int
-    n_chunks: int  # chunk_bound: a bound of the flat chunk count
+    n_chunks: int
 
 
 def chunk_bound(total: int, n_seqs: int, C: int) -> int:
@@ -68,14 +69,42 @@ def chunk_bound(total: int, n_seqs: int, C: int) -> int:
     return total // C + n_seqs
 
 
-def chunk_map(cu_seqlens: torch.Tensor, total: int, C: int) -> ChunkMap:
-    """The map for C-token chunks of sequences packed into total tokens (the input's T, not read from cu_seqlens)."""
-    cu = cu_seqlens.to(torch.int32)
-    n = cu.numel() - 1
-    counts = torch.div(cu[1:] - cu[:-1] + C - 1, C, rounding_mode="floor")
-    ends = counts.cumsum(0)
-    bound = chunk_bound(total, n, C)
-    seq = torch.searchsorted(ends, torch.arange(bound, device=cu.device, dtype=ends.dtype), right=True)
-    seq = torch.where(seq < n, seq, -1).to(torch.int32)
-    return ChunkMap(cu, (ends - counts).to(torch.int32), seq, n, bound)
+_MAPS: OrderedDict = OrderedDict()  # the last few maps: every layer of a model, forward and backward, asks again
 
+
+def chunk_map(cu_seqlens: torch.Tensor, total: int, C: int, device: torch.device) -> ChunkMap:
+    """The map for C-token chunks of sequences packed into total tokens (the input's T, not read from cu_seqlens),
+    on `device`. The last few are kept, keyed by the cu_seqlens tensor itself (held, so its id stays its own) and its
+    version (an in-place change makes a new map)."""
+    key = (id(cu_seqlens), cu_seqlens._version, total, C, str(device))
+    if key in _MAPS:
+        _MAPS.move_to_end(key)
+        return _MAPS[key][1]
+    found = _build_map(cu_seqlens, total, C, device)
+    _MAPS[key] = (cu_seqlens, found)
+    while len(_MAPS) > 8:
+        _MAPS.popitem(last=False)
+    return found
+
+
+def counting_is_free(cu_seqlens: torch.Tensor) -> bool:
+    """Whether the chunks can be counted without waiting for the GPU (tests force the bound to cover it)."""
+    return not cu_seqlens.is_cuda
+
+
+def _build_map(cu_seqlens: torch.Tensor, total: int, C: int, device: torch.device) -> ChunkMap:
+    cu = cu_seqlens.long()
+    n = cu.numel() - 1
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    counts = torch.div(lengths + C - 1, C, rounding_mode="floor")
+    ends = counts.cumsum(0)
+    first = ends - counts
+    rows = int(ends[-1]) if counting_is_free(cu) else chunk_bound(total, n, C)
+    seq = torch.searchsorted(ends, torch.arange(rows, device=cu.device), right=True)
+    spare = seq >= n
+    seq = seq.clamp(max=n - 1)
+    within = torch.where(spare, -1, torch.arange(rows, device=cu.device) - first[seq])
+    seq_table = torch.stack([starts, lengths, first, torch.zeros_like(first)], 1)
+    chunk_table = torch.stack([within, starts[seq], lengths[seq], first[seq]], 1)
+    to = dict(device=device, dtype=torch.int32, non_blocking=True)
+    return ChunkMap(seq_table.to(**to), chunk_table.to(**to), n, rows)

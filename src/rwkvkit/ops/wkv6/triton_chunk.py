@@ -76,7 +76,7 @@ def _same_half(C: tl.constexpr):
 
 @triton.jit
 def _fwd_state(
-    w, k, v, s0, states, s_final, cu_seqlens, first_chunk,
+    w, k, v, s0, states, s_final, seq_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr,
     W_MIN: tl.constexpr, VARLEN: tl.constexpr,
@@ -84,8 +84,7 @@ def _fwd_state(
     """S_C = diag(e^{G_C}) S_0 + K_e^T V, chunk after chunk; every S_0 is kept for the outputs and the backward."""
     i_v = tl.program_id(0)
     i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
-    i_h = i_sh % H
-    bos, T, base = _sequence(i_sh // H, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    i_h, bos, T, base = _sequence(i_sh, T, H, C, seq_table, VARLEN)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_k[:, None] * V + cols_v[None, :]
@@ -121,17 +120,16 @@ def _pairs(r_in, k_in, r_x, k_x, rr, kk, uu, C: tl.constexpr, PC: tl.constexpr, 
 
 @triton.jit
 def _fwd_out(
-    r, w, k, v, u, states, y, cu_seqlens, first_chunk, chunk_seq,
+    r, w, k, v, u, states, y, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr,
     W_MIN: tl.constexpr, HALVES: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """y = R~ S_0 + M V for one chunk; with SUB < C also the states at the starts of its SUB-token sub-chunks,
     S_p = diag(e^{G_p}) S_0 + sum_{j<p} (k_j e^{G_p-G_j}) v_j^T, for the gradient kernel (as in WKV7)."""
-    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
-    if i_n < 0:  # a spare program of a packed-sequence grid
+    i_h, i_t, bos, T, base = _chunk_program(T, H, C, 1, chunk_table, VARLEN)
+    if i_t < 0:  # a spare program of a packed-sequence grid
         return
-    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     chunk = base + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
@@ -157,7 +155,7 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_state(
-    r, w, dy, ds_final, dstates, ds0, cu_seqlens, first_chunk,
+    r, w, dy, ds_final, dstates, ds0, seq_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
     W_MIN: tl.constexpr, VARLEN: tl.constexpr,
@@ -165,8 +163,7 @@ def _bwd_state(
     """dS_0 = diag(e^{G_C}) dS_C + R~^T dY, walking back; stores dS_C of every chunk."""
     i_v = tl.program_id(0)
     i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
-    i_h = i_sh % H
-    bos, T, base = _sequence(i_sh // H, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    i_h, bos, T, base = _sequence(i_sh, T, H, C, seq_table, VARLEN)
     n_chunks = tl.cdiv(T, C)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
@@ -190,17 +187,16 @@ def _bwd_state(
 
 @triton.jit
 def _bwd_substates(
-    r, w, dy, dstates, cu_seqlens, first_chunk, chunk_seq,
+    r, w, dy, dstates, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr,
     W_MIN: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dL/dS at the ends of a chunk's SUB-token sub-chunks but the last (the walk stores that one): from boundary p,
     dS_p = diag(e^{G_C-G_p}) dS_C + sum_{t>=p} (r_t e^{G_{t-1}-G_p}) dy_t^T."""
-    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
-    if i_n < 0:  # a spare program of a packed-sequence grid
+    i_h, i_t, bos, T, base = _chunk_program(T, H, C, 1, chunk_table, VARLEN)
+    if i_t < 0:  # a spare program of a packed-sequence grid
         return
-    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     chunk = base + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
@@ -223,7 +219,7 @@ def _bwd_substates(
 @triton.jit
 def _bwd_chunk(
     r, w, k, v, u, dy, states, dstates,
-    dr, dw, dk, dv, du_parts, cu_seqlens, first_chunk, chunk_seq,
+    dr, dw, dk, dv, du_parts, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
     ROUND_STATES: tl.constexpr, W_MIN: tl.constexpr, HALVES: tl.constexpr, VARLEN: tl.constexpr,
@@ -232,10 +228,9 @@ def _bwd_chunk(
     dS_C and S_0 are loaded in turn, the decay gradient is summed from x * dx, ROUND_ONCE rounds operands once
     (ROUND_STATES the states too: not when they are bf16).
     C tokens per program; states and du parts are laid out by the walks' WALK-token chunks (C divides WALK)."""
-    i_n, i_h, i_t = _chunk_program(H, WALK // C, chunk_seq, first_chunk, VARLEN)
-    if i_n < 0:  # a spare program of a packed-sequence grid
+    i_h, i_t, bos, T, base = _chunk_program(T, H, WALK, WALK // C, chunk_table, VARLEN)
+    if i_t < 0:  # a spare program of a packed-sequence grid
         return
-    bos, T, base = _sequence(i_n, i_h, T, H, WALK, cu_seqlens, first_chunk, VARLEN)
     chunk = base * (WALK // C) + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
@@ -342,14 +337,14 @@ def _forward(r, w, k, v, u, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool = 
     s_final = torch.empty(lay.n_seqs, H, K, V, device=r.device, dtype=torch.float32)
     y = torch.empty_like(v, dtype=r.dtype)
     varlen = dict(VARLEN=lay.packed is not None)
-    cu, first, seq = lay.varlen_args()
+    seq_table, chunk_table = lay.tables()
     _fwd_state[(V // lay.bv, lay.n_seqs * H)](
-        w, k, v, s0 if s0 is not None else s_final, states, s_final, cu, first,
+        w, k, v, s0 if s0 is not None else s_final, states, s_final, seq_table,
         T, H, K, V, lay.bv, cfg.chunk, sub, ps, HAS_S0=s0 is not None, W_MIN=w_min, **varlen,
         num_warps=cfg.warps_seq,
     )  # fmt: skip
-    _fwd_out[(lay.n_chunks, B * H)](
-        r, w, k, v, u, states, y, cu, first, seq, T, H, K, V, cfg.chunk, sub, ps, pc, W_MIN=w_min,
+    _fwd_out[lay.chunk_grid(cfg.chunk)](
+        r, w, k, v, u, states, y, chunk_table, T, H, K, V, cfg.chunk, sub, ps, pc, W_MIN=w_min,
         HALVES=cfg.pair_halves, **varlen, num_warps=cfg.warps_chunk,
     )  # fmt: skip
     return y, s_final, states
@@ -379,23 +374,25 @@ class _WKV6(torch.autograd.Function):
         dstates = torch.empty_like(states)
         ds0 = torch.empty(lay.n_seqs, H, K, V, device=r.device, dtype=torch.float32) if want_ds0 else dstates
         varlen = dict(VARLEN=lay.packed is not None)
-        cu, first, seq = lay.varlen_args()
+        seq_table, chunk_table = lay.tables()
         _bwd_state[(V // lay.bv, lay.n_seqs * H)](
-            r, w, dy, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0, cu, first,
+            r, w, dy, ds_final.contiguous() if ds_final is not None else dstates, dstates, ds0, seq_table,
             T, H, K, V, lay.bv, cfg.chunk, sub, ps,
             HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, W_MIN=w_min, **varlen, num_warps=cfg.warps_seq,
         )  # fmt: skip
         if sub < cfg.chunk:
-            _bwd_substates[(lay.n_chunks, B * H)](
-                r, w, dy, dstates, cu, first, seq, T, H, K, V, cfg.chunk, sub, ps, W_MIN=w_min, **varlen,
+            _bwd_substates[lay.chunk_grid(cfg.chunk)](
+                r, w, dy, dstates, chunk_table, T, H, K, V, cfg.chunk, sub, ps, W_MIN=w_min, **varlen,
                 num_warps=cfg.warps_chunk,
             )  # fmt: skip
         grads = [torch.empty_like(x) for x in (r, w, k, v)]
-        du_parts = torch.zeros(B, H, lay.n_chunks * (cfg.chunk // sub), K, device=r.device, dtype=torch.float32)
+        grid = lay.chunk_grid(sub)
+        du_rows = lay.n_chunks * (cfg.chunk // sub) if lay.packed is None else grid[0]  # (see _bwd_chunk)
+        du_parts = torch.zeros(B, H, du_rows, K, device=r.device, dtype=torch.float32)
         round_once = cfg.round_once and ps == pc == "tf32r"
         ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
-        _bwd_chunk[lay.grad_grid(sub, cfg.chunk)](
-            r, w, k, v, u, dy, states, dstates, *grads, du_parts, cu, first, seq,
+        _bwd_chunk[grid](
+            r, w, k, v, u, dy, states, dstates, *grads, du_parts, chunk_table,
             T, H, K, V, sub, cfg.chunk, ps_c, pc_c, round_once, round_once and states.dtype == torch.float32,
             W_MIN=w_min, HALVES=cfg.pair_halves, **varlen,
             num_warps=cfg.warps_grad,
@@ -426,9 +423,8 @@ def wkv6_triton(
     else DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
-    if cu_seqlens is not None:
+    if cu_seqlens is not None:  # (kept where it is: from the CPU the launches get exact grids)
         check_cu_seqlens(cu_seqlens, r, initial_state)
-        cu_seqlens = cu_seqlens.to(r.device)
     tensors = (r, w, k, v, u) + (() if initial_state is None else (initial_state,))
     wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     if config is None:

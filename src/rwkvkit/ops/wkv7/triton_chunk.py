@@ -118,30 +118,42 @@ def _tile_offsets(i_t, bos, T, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.cons
 
 
 @triton.jit
-def _sequence(i_n, i_h, T, H: tl.constexpr, C: tl.constexpr, cu_seqlens, first_chunk, VARLEN: tl.constexpr):
-    """Sequence i_n (a batch row of T tokens, or with VARLEN the i_n-th packed sequence): its first token in the
-    flattened batch, its length, and the flat index of its head i_h's first C-token chunk in the scratch tensors,
-    which hold cdiv(length, C) chunks per sequence and head (`rwkvkit.ops.varlen.ChunkMap`)."""
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        length = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-        return bos, length, tl.load(first_chunk + i_n).to(tl.int64) * H + i_h * tl.cdiv(length, C)
-    else:
-        return i_n * T, T, (i_n * H + i_h) * tl.cdiv(T, C)
+def _table_row(table, i):
+    """Row i of an [n, 4] int32 table (`rwkvkit.ops.varlen.ChunkMap`) as four scalars, in one 16-byte load."""
+    cols = tl.arange(0, 4)
+    row = tl.load(table + i * 4 + cols)
+    return (tl.sum(tl.where(cols == 0, row, 0)), tl.sum(tl.where(cols == 1, row, 0)),
+            tl.sum(tl.where(cols == 2, row, 0)), tl.sum(tl.where(cols == 3, row, 0)))
 
 
 @triton.jit
-def _chunk_program(H: tl.constexpr, PER: tl.constexpr, chunk_seq, first_chunk, VARLEN: tl.constexpr):
-    """A chunk-parallel program's sequence, head and chunk within the sequence, counted in 1/PER-ths of the walks'
-    chunks. Grids: (chunks per row, B * H), or with VARLEN (the flat chunk bound x PER, H), whose spare programs
-    past the last chunk get sequence -1."""
+def _sequence(i_sh, T, H: tl.constexpr, C: tl.constexpr, seq_table, VARLEN: tl.constexpr):
+    """A walk program's sequence x head i_sh (a batch row of T tokens, or with VARLEN a packed sequence): its head,
+    its first token in the flattened batch, its length, and the flat index of its first C-token chunk in the
+    scratch tensors, which hold cdiv(length, C) chunks per sequence and head."""
+    i_h = i_sh % H
+    if VARLEN:
+        bos, length, first, _ = _table_row(seq_table, i_sh // H)
+        return i_h, bos.to(tl.int64), length, first.to(tl.int64) * H + i_h * tl.cdiv(length, C)
+    else:
+        return i_h, (i_sh // H) * T, T, i_sh * tl.cdiv(T, C)
+
+
+@triton.jit
+def _chunk_program(T, H: tl.constexpr, C: tl.constexpr, PER: tl.constexpr, chunk_table, VARLEN: tl.constexpr):
+    """A chunk-parallel program's head, chunk within its sequence (counted in 1/PER-ths of the walks' C-token
+    chunks; negative for a spare program of a packed grid), the sequence's first token and length, and the flat
+    index of its first C-token chunk (as `_sequence`). Grids: (chunks per row x PER, B * H), or packed
+    (ChunkMap.n_chunks x PER, H)."""
     if VARLEN:
         i_c = tl.program_id(0)
-        i_n = tl.load(chunk_seq + i_c // PER)
-        return i_n, tl.program_id(1), i_c - tl.load(first_chunk + tl.maximum(i_n, 0)) * PER
+        i_h = tl.program_id(1)
+        walk_chunk, bos, length, first = _table_row(chunk_table, i_c // PER)
+        base = first.to(tl.int64) * H + i_h * tl.cdiv(length, C)
+        return i_h, walk_chunk * PER + i_c % PER, bos.to(tl.int64), length, base
     else:
         i_bh = tl.program_id(1).to(tl.int64)
-        return i_bh // H, i_bh % H, tl.program_id(0)
+        return i_bh % H, tl.program_id(0), (i_bh // H) * T, T, i_bh * tl.cdiv(T, C)
 
 
 @triton.jit
@@ -203,7 +215,7 @@ def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexp
 
 @triton.jit
 def _fwd_prep(
-    w, k, v, a, b, wa, uv, b_end, k_end, e_end_c, solve_out, cu_seqlens, first_chunk, chunk_seq,
+    w, k, v, a, b, wa, uv, b_end, k_end, e_end_c, solve_out, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr, STORE_SOLVE: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -211,10 +223,9 @@ def _fwd_prep(
     """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V;
     and for the walk's S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e: B_e, K_e and e^{G_C}. STORE_SOLVE: the
     solve (I - M_ab)^{-1} too, which the backward's preparation needs again."""
-    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
-    if i_n < 0:  # a spare program of a packed-sequence grid
+    i_h, i_t, bos, T, base = _chunk_program(T, H, C, 1, chunk_table, VARLEN)
+    if i_t < 0:  # a spare program of a packed-sequence grid
         return
-    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     chunk = base + i_t
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
@@ -242,15 +253,14 @@ def _fwd_prep(
 
 @triton.jit
 def _fwd_state(
-    v, wa, uv, b_end, k_end, e_end_c, u, s0, states, s_final, cu_seqlens, first_chunk,
+    v, wa, uv, b_end, k_end, e_end_c, u, s0, states, s_final, seq_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_S0: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """The sequential part: walk the chunks, U = uv + wa S_0^T, S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e."""
     i_v = tl.program_id(0)
     i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
-    i_h = i_sh % H
-    bos, T, base = _sequence(i_sh // H, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    i_h, bos, T, base = _sequence(i_sh, T, H, C, seq_table, VARLEN)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_v[:, None] * K + cols_k[None, :]
@@ -279,17 +289,16 @@ def _fwd_state(
 
 @triton.jit
 def _fwd_out(
-    r, w, k, v, b, u, states, y, cu_seqlens, first_chunk, chunk_seq,
+    r, w, k, v, b, u, states, y, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """y = R~ S_0^T + M_rb U + M_rk V for one chunk; with SUB < C also the states at the starts of its SUB-token
     sub-chunks, S_p = S_0 diag(e^{G_p}) + sum_{j<p} (u_j b_j^T + v_j k_j^T) diag(e^{G_p-G_j}), for the gradient
     kernel."""
-    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
-    if i_n < 0:  # a spare program of a packed-sequence grid
+    i_h, i_t, bos, T, base = _chunk_program(T, H, C, 1, chunk_table, VARLEN)
+    if i_t < 0:  # a spare program of a packed-sequence grid
         return
-    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     chunk = base + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
@@ -321,16 +330,15 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_prep(
-    r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end_c, g_sub, cu_seqlens, first_chunk, chunk_seq,
+    r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end_c, g_sub, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PC: tl.constexpr,
     VARLEN: tl.constexpr,
 ):  # fmt: skip
     """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T, with the solve
     the forward stored; and for the walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}."""
-    i_n, i_h, i_t = _chunk_program(H, 1, chunk_seq, first_chunk, VARLEN)
-    if i_n < 0:  # a spare program of a packed-sequence grid
+    i_h, i_t, bos, T, base = _chunk_program(T, H, C, 1, chunk_table, VARLEN)
+    if i_t < 0:  # a spare program of a packed-sequence grid
         return
-    bos, T, base = _sequence(i_n, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
     chunk = base + i_t
     cols_k = tl.arange(0, K)
     cols_v = tl.arange(0, V)
@@ -358,7 +366,7 @@ def _bwd_prep(
 
 @triton.jit
 def _bwd_state(
-    dy, p1, wb, r_s, a_s, e_end_c, g_sub, dw_u, ds_final, dstates, ds0, cu_seqlens, first_chunk,
+    dy, p1, wb, r_s, a_s, e_end_c, g_sub, dw_u, ds_final, dstates, ds0, seq_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -367,8 +375,7 @@ def _bwd_state(
     and at the SUB-token sub-chunk boundaries inside each chunk (the states the gradient kernel starts from)."""
     i_v = tl.program_id(0)
     i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
-    i_h = i_sh % H
-    bos, T, base = _sequence(i_sh // H, i_h, T, H, C, cu_seqlens, first_chunk, VARLEN)
+    i_h, bos, T, base = _sequence(i_sh, T, H, C, seq_table, VARLEN)
     n_chunks = tl.cdiv(T, C)
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
@@ -410,7 +417,7 @@ def _bwd_state(
 @triton.jit
 def _bwd_chunk(
     r, w, k, v, a, b, dy, u, dw_u, states, dstates,
-    dr, dw, dk, dv, da, db, cu_seqlens, first_chunk, chunk_seq,
+    dr, dw, dk, dv, da, db, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
     ROUND_STATES: tl.constexpr, VARLEN: tl.constexpr,
@@ -424,10 +431,9 @@ def _bwd_chunk(
     ROUND_ONCE (for "tf32r"): round every operand to tf32 once where it is made, and multiply with plain "tf32";
     ROUND_STATES: the states too (False when they are stored in bf16, which tf32 holds exactly).
     C tokens per program; the states and scratch are laid out by the walks' WALK-token chunks (C divides WALK)."""
-    i_n, i_h, i_t = _chunk_program(H, WALK // C, chunk_seq, first_chunk, VARLEN)
-    if i_n < 0:  # a spare program of a packed-sequence grid
+    i_h, i_t, bos, T, base = _chunk_program(T, H, WALK, WALK // C, chunk_table, VARLEN)
+    if i_t < 0:  # a spare program of a packed-sequence grid
         return
-    bos, T, base = _sequence(i_n, i_h, T, H, WALK, cu_seqlens, first_chunk, VARLEN)
     chunk = base * (WALK // C) + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
@@ -551,21 +557,22 @@ class _Layout(NamedTuple):
     H: int
     K: int
     V: int
+    C: int  # tokens per chunk of the walks
     n_seqs: int  # B, or the number of packed sequences
-    n_chunks: int  # walk chunks per batch row of the scratch tensors (packed: their one row's chunk bound)
+    n_chunks: int  # walk chunks per batch row of the scratch tensors (packed: their one row's chunk_bound)
     bv: int  # value rows per program of the walks
     packed: ChunkMap | None
 
-    def varlen_args(self) -> tuple:
-        """The kernels' cu_seqlens, first_chunk, chunk_seq (None: their VARLEN code is compiled out)."""
-        m = self.packed
-        return (None, None, None) if m is None else (m.cu_seqlens, m.first_chunk, m.chunk_seq)
+    def tables(self) -> tuple:
+        """The walks' seq_table and the chunk-parallel kernels' chunk_table (None: their VARLEN code is compiled
+        out)."""
+        return (None, None) if self.packed is None else (self.packed.seq_table, self.packed.chunk_table)
 
-    def grad_grid(self, sub: int, walk: int) -> tuple[int, int]:
-        """The gradient kernel's grid, sub-token programs laid out by walk-token chunks."""
+    def chunk_grid(self, sub: int) -> tuple[int, int]:
+        """The grid of a chunk-parallel kernel of sub tokens per program (sub divides the walks' chunk)."""
         if self.packed is None:
             return triton.cdiv(self.T, sub), self.B * self.H
-        return self.n_chunks * (walk // sub), self.H
+        return self.packed.n_chunks * (self.C // sub), self.H
 
 
 def _layout(r, v, cfg: KernelConfig, cu_seqlens: torch.Tensor | None) -> _Layout:
@@ -574,9 +581,10 @@ def _layout(r, v, cfg: KernelConfig, cu_seqlens: torch.Tensor | None) -> _Layout
     if cu_seqlens is None:
         n_seqs, n_chunks, packed = B, triton.cdiv(T, cfg.chunk), None
     else:
-        packed = chunk_map(cu_seqlens, T, cfg.chunk)
-        n_seqs, n_chunks = packed.n_seqs, packed.n_chunks
-    return _Layout(B, T, H, K, V, n_seqs, n_chunks, walk_block_v(n_seqs * H, V, cfg.block_v), packed)
+        packed = chunk_map(cu_seqlens, T, cfg.chunk, r.device)
+        # (a bound, so that a fake tensor of the registered op has the same shape as the real one)
+        n_seqs, n_chunks = packed.n_seqs, chunk_bound(T, packed.n_seqs, cfg.chunk)
+    return _Layout(B, T, H, K, V, cfg.chunk, n_seqs, n_chunks, walk_block_v(n_seqs * H, V, cfg.block_v), packed)
 
 
 def _seq_launch(cfg: KernelConfig) -> dict:
@@ -616,16 +624,16 @@ def _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool
     states = torch.empty(B, H, n_chunks * (C // sub), V, K, device=r.device, dtype=saved)
     s_final = torch.empty(lay.n_seqs, H, V, K, **f32)
     y = torch.empty_like(v, dtype=r.dtype)
-    chunks = (n_chunks, B * H)
+    chunks = lay.chunk_grid(C)
     varlen = dict(VARLEN=lay.packed is not None)
-    cu, first, seq = lay.varlen_args()
-    _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, e_end if solve is None else solve, cu, first, seq,
+    seq_table, chunk_table = lay.tables()
+    _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, e_end if solve is None else solve, chunk_table,
                       T, H, K, V, C, _log2(C), pc, pi, for_grad, **varlen, num_warps=cfg.warps_chunk)
     _fwd_state[(V // lay.bv, lay.n_seqs * H)](
-        v, wa, uv, b_end, k_end, e_end, u, s0 if s0 is not None else s_final, states, s_final, cu, first,
+        v, wa, uv, b_end, k_end, e_end, u, s0 if s0 is not None else s_final, states, s_final, seq_table,
         T, H, K, V, lay.bv, C, sub, ps, HAS_S0=s0 is not None, **varlen, **_seq_launch(cfg),
     )  # fmt: skip
-    _fwd_out[chunks](r, w, k, v, b, u, states, y, cu, first, seq, T, H, K, V, C, sub, ps, pc, **varlen,
+    _fwd_out[chunks](r, w, k, v, b, u, states, y, chunk_table, T, H, K, V, C, sub, ps, pc, **varlen,
                      num_warps=cfg.warps_chunk)
     return y, s_final, states, u, solve
 
@@ -646,22 +654,21 @@ def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, 
     g_sub = torch.empty(B, H, n_chunks, C // sub, K, **f32)
     dstates = torch.empty_like(states)
     ds0 = torch.empty(lay.n_seqs, H, V, K, **f32) if want_ds0 else dstates
-    chunks = (n_chunks, B * H)
     varlen = dict(VARLEN=lay.packed is not None)
-    cu, first, seq = lay.varlen_args()
-    _bwd_prep[chunks](r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end, g_sub, cu, first, seq, T, H, K, V, C, sub, pc,
-                      **varlen, num_warps=cfg.warps_chunk)
+    seq_table, chunk_table = lay.tables()
+    _bwd_prep[lay.chunk_grid(C)](r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end, g_sub, chunk_table,
+                                 T, H, K, V, C, sub, pc, **varlen, num_warps=cfg.warps_chunk)
     ds_in = ds_final.contiguous() if ds_final is not None else dstates  # (a placeholder when there is none)
     _bwd_state[(V // lay.bv, lay.n_seqs * H)](
-        dy, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0, cu, first,
+        dy, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0, seq_table,
         T, H, K, V, lay.bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **varlen,
         **_seq_launch(cfg),
     )  # fmt: skip
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     round_once = cfg.round_once and ps == pc == "tf32r"
     ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
-    _bwd_chunk[lay.grad_grid(sub, C)](
-        r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads, cu, first, seq,
+    _bwd_chunk[lay.chunk_grid(sub)](
+        r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads, chunk_table,
         T, H, K, V, sub, C, ps_c, pc_c, round_once, round_once and states.dtype == torch.float32, **varlen,
         num_warps=cfg.warps_grad,
     )  # fmt: skip
@@ -811,9 +818,8 @@ def wkv7_triton(
     for any w <= 0).
     """
     check_triton_device(r, "WKV kernels", "chunked")
-    if cu_seqlens is not None:
+    if cu_seqlens is not None:  # (kept where it is: from the CPU the launches get exact grids)
         check_cu_seqlens(cu_seqlens, r, initial_state)
-        cu_seqlens = cu_seqlens.to(r.device)
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
     config = DEFAULT_CONFIG if config is None else config
