@@ -4,6 +4,7 @@
     python benchmarks/gpu_wkv.py --variants all --profile --odd-length 1013
     python benchmarks/gpu_wkv.py --op wkv6 --fla                  # fla autotunes for minutes on its first call
     python benchmarks/gpu_wkv.py --op wkv4                        # Triton walk vs our chunked PyTorch path
+    python benchmarks/gpu_wkv.py --packed 512 --fla --odd-length 1013   # packed sequences (cu_seqlens)
 
 WKV7 inputs look like a real RWKV-7 layer's (decay in (e^{-e^{-0.5}}, 1), a = -kk, b = kk * iclr, |kk| = 1),
 WKV6 ones like RWKV-6's (w = -exp(N(-1, 0.5))), bf16 (u float32); WKV4 [B, T, C = H*N] bf16 keys and values with
@@ -12,6 +13,8 @@ Time: median of triton.testing.do_bench over fwd (y only) and fwd+bwd (dy on y, 
 Error: ||out - ref|| / ||ref|| against a float64 recurrence on the same bf16 inputs (batch 0 only, with a random
 initial state and a random gradient on the final state too), listed as a multiple of the bf16 floor
 ||bf16(ref) - ref|| / ||ref|| of that quantity; "worst" is the largest multiple over y, state and all gradients.
+--packed MEAN: the B x T tokens of each shape as one row of sequences of random lengths (1 to 2 MEAN, cu_seqlens),
+each from its own state, beside the same tokens as B rows of T; the odd-length check packs its T the same way.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import argparse
 import datetime
 import functools
 import importlib.util
-import math
 
 import torch
 import triton
 
+from rwkvkit.ops.testing import V7_MIN_LOG_DECAY, cu_seqlens_of
+from rwkvkit.ops.varlen import per_sequence
 from rwkvkit.ops.wkv6.triton_chunk import wkv6_triton
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, wkv7_triton
 
@@ -130,12 +134,11 @@ def reference_fp64(r, w, k, v, a, b, s0):
     return torch.stack(ys, 1), S
 
 
-def ours(op, cfg):
+def ours(op, cfg, cu_seqlens=None):
     if op == "wkv7":  # with the decay bound the model passes (rwkv7_inputs keep it), as fla's lower_bound path
-        return lambda *args: wkv7_triton(*args, config=cfg, log_decay_min=-math.exp(-0.5))
-    if cfg is None:  # the kernel's own choice (WKV6: 32- or 16-token chunks by the decays it gets)
-        return wkv6_triton
-    return lambda *args: wkv6_triton(*args, config=cfg)
+        return lambda *args: wkv7_triton(*args, config=cfg, log_decay_min=V7_MIN_LOG_DECAY, cu_seqlens=cu_seqlens)
+    # cfg None: the kernel's own choice (WKV6: 32- or 16-token chunks by the decays it gets)
+    return lambda *args: wkv6_triton(*args, config=cfg, cu_seqlens=cu_seqlens)
 
 
 def ours4(impl):
@@ -144,26 +147,38 @@ def ours4(impl):
     return lambda w, u, k, v, s0: wkv4(w, u, k, v, s0, impl=impl)
 
 
-def fla_rwkv6():
+def fla_rwkv6(cu_seqlens=None):
     from fla.ops.rwkv6 import chunk_rwkv6
 
     def run(r, w, k, v, u, s0):
-        y, s = chunk_rwkv6(r, k, v, w, u, scale=1.0, initial_state=s0, output_final_state=True)
+        y, s = chunk_rwkv6(r, k, v, w, u, scale=1.0, initial_state=s0, output_final_state=True,
+                           cu_seqlens=cu_seqlens)
         return y, s
 
     return run
 
 
-def fla_rwkv7(**options):
+def fla_rwkv7(cu_seqlens=None, **options):
     from fla.ops.rwkv7 import chunk_rwkv7
 
     def run(r, w, k, v, a, b, s0):
         # fla keeps the state key-major [B, H, K, V]; ours is value-major
         s0 = None if s0 is None else s0.transpose(-1, -2)
-        y, s = chunk_rwkv7(r, w, k, v, a, b, initial_state=s0, output_final_state=True, **options)
+        y, s = chunk_rwkv7(r, w, k, v, a, b, initial_state=s0, output_final_state=True, cu_seqlens=cu_seqlens,
+                           **options)
         return y, s.transpose(-1, -2)
 
     return run
+
+
+def packed_lengths(total, mean, seed=0):
+    """Random sequence lengths from 1 to 2 mean (the last cut) that sum to total."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(int(torch.randint(1, 2 * mean + 1, (1,), generator=g)))
+    lengths[-1] -= sum(lengths) - total
+    return lengths
 
 
 def outputs_and_grads(fn, inputs, s0, dy, ds):
@@ -182,8 +197,9 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
-def reference(op, inputs, seed):
-    """float64 outputs and gradients on batch element 0 (random initial state and final-state gradient too)."""
+def reference(op, inputs, seed, cu_seqlens=None):
+    """float64 outputs and gradients on batch element 0 (random initial state and final-state gradient too); with
+    cu_seqlens, of the sequences packed in it (a state and a final-state gradient each)."""
     one = [x[:1] if x.dim() >= 3 else x for x in inputs]
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     if op == "wkv4":
@@ -193,13 +209,25 @@ def reference(op, inputs, seed):
         ref = outputs_and_grads(reference4_fp64, [x.double() for x in one], None, dy.double(), None)
         return (one, s0, dy, ds), ref, [rel_err(x.to(torch.bfloat16), x) for x in ref]
     B, T, H, N = one[0].shape
-    s0 = torch.randn(1, H, N, N, generator=g, device="cuda") * 0.5
+    n_seqs = 1 if cu_seqlens is None else len(cu_seqlens) - 1
+    s0 = torch.randn(n_seqs, H, N, N, generator=g, device="cuda") * 0.5
     dy = torch.randn(1, T, H, N, generator=g, device="cuda").to(one[0].dtype)
-    ds = torch.randn(1, H, N, N, generator=g, device="cuda")
+    ds = torch.randn(n_seqs, H, N, N, generator=g, device="cuda")
     ref_fn = reference_fp64 if op == "wkv7" else reference6_fp64
+    if cu_seqlens is not None:
+        ref_fn = packed_reference(ref_fn, cu_seqlens, 6 if op == "wkv7" else 4)
     ref = outputs_and_grads(ref_fn, [x.double() for x in one], s0.double(), dy.double(), ds.double())
     floor = [rel_err(x.to(torch.bfloat16), x) for x in ref]
     return (one, s0, dy, ds), ref, floor
+
+
+def packed_reference(ref_fn, cu_seqlens, per_token):
+    """ref_fn on each packed sequence alone (its per-token inputs sliced, the others as they are)."""
+    def run(*x):
+        tokens, per_head, s0 = x[:per_token], x[per_token:-1], x[-1]
+        return per_sequence(lambda *t: ref_fn(*t[:-1], *per_head, t[-1]), cu_seqlens, tokens, s0)
+
+    return run
 
 
 def error_multiples(fn, case, ref, floor):
@@ -247,13 +275,36 @@ def kernel_breakdown(fn, inputs):
     return sorted(rows, key=lambda r: -r[1])[:6]
 
 
+def functions(args, names, cu_seqlens=None):
+    """{name: fn(*inputs, s0)} of ours (each variant) and the peers asked for; with cu_seqlens, packed calls."""
+    tag = "" if cu_seqlens is None else " packed"
+    if args.op == "wkv4":  # one Triton kernel (no configs): beside the PyTorch path "auto" took before it
+        return {"ours wkv4 triton": ours4("triton"), "ours wkv4 chunked (PyTorch)": ours4("chunked")}
+    fns = {f"ours {args.op} {n}{tag}": ours(args.op, VARIANTS[n], cu_seqlens) for n in names}
+    if args.fla and args.op == "wkv7":
+        if args.fla != "lower_bound":
+            fns[f"fla chunk_rwkv7{tag}"] = fla_rwkv7(cu_seqlens)
+        if args.fla != "default":
+            fns[f"fla chunk_rwkv7 lower_bound{tag}"] = fla_rwkv7(cu_seqlens, lower_bound=V7_MIN_LOG_DECAY)
+    elif args.fla and args.op == "wkv6":
+        fns[f"fla chunk_rwkv6{tag}"] = fla_rwkv6(cu_seqlens)
+    if args.peer and cu_seqlens is None:
+        spec = importlib.util.spec_from_file_location("bench_peer", args.peer)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        fns.update(module.peer_fns(args.op))
+    return fns
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--op", default="wkv7", choices=["wkv7", "wkv6", "wkv4"])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--variants", nargs="*", default=None,
                    help="names from VARIANTS, or 'all' (default: the op's default config)")
-    p.add_argument("--fla", action="store_true", help="add fla's chunk_rwkv7 (its first call autotunes for minutes)")
+    p.add_argument("--fla", nargs="?", const="both", choices=["both", "default", "lower_bound"],
+                   help="add fla's chunk_rwkv7 / chunk_rwkv6 (its first call autotunes for minutes); WKV7: its "
+                        "default path, its lower_bound path (as fast as it gets with v7's decay bound) or both")
     p.add_argument("--peer", default=None, metavar="FILE",
                    help="a Python file whose peer_fns(op) returns more {name: fn} to time beside ours (peers whose "
                         "code may not live in this repository, e.g. RWKV-LM's CUDA kernels built from a local copy)")
@@ -265,36 +316,33 @@ def main():
     p.add_argument("--log-decay-mu", type=float, default=-1.0,
                    help="WKV6: log decays are -exp(0.5 z + mu) (mu = 2: about -7.4 per token, so the default takes "
                         "16-token chunks)")
+    p.add_argument("--packed", type=int, default=0, metavar="MEAN",
+                   help="WKV7/WKV6: also time each shape's tokens packed as sequences of mean length MEAN")
     args = p.parse_args()
     names = list(VARIANTS) if args.variants == ["all"] else args.variants or [DEFAULT_VARIANT.get(args.op)]
     quantities = QUANTITIES[args.op]
     make_inputs = {"wkv7": rwkv7_inputs, "wkv6": rwkv6_inputs, "wkv4": rwkv4_inputs}[args.op]
     if args.op == "wkv6":
         make_inputs = functools.partial(rwkv6_inputs, log_decay_min=args.log_decay_min, log_decay_mu=args.log_decay_mu)
-    if args.op == "wkv4":  # one Triton kernel (no configs): beside the PyTorch path "auto" took before it
-        fns = {"ours wkv4 triton": ours4("triton"), "ours wkv4 chunked (PyTorch)": ours4("chunked")}
-    else:
-        fns = {f"ours {args.op} {n}": ours(args.op, VARIANTS[n]) for n in names}
-    if args.fla and args.op == "wkv7":
-        fns["fla chunk_rwkv7"] = fla_rwkv7()
-        fns["fla chunk_rwkv7 lower_bound"] = fla_rwkv7(lower_bound=-math.exp(-0.5))
-    elif args.fla and args.op == "wkv6":
-        fns["fla chunk_rwkv6"] = fla_rwkv6()
-    if args.peer:
-        spec = importlib.util.spec_from_file_location("bench_peer", args.peer)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        fns.update(module.peer_fns(args.op))
+    fns = functions(args, names)
+    packed = args.packed and args.op != "wkv4"
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"# {device}, torch {torch.__version__}, triton {triton.__version__}, {now:%Y-%m-%d %H:%M} UTC")
     if args.odd_length:
         B, T, H, N = 1, args.odd_length, 12, 64
-        case, ref, floor = reference(args.op, make_inputs(B, T, H, N, torch.bfloat16, seed=7), seed=7)
-        for name, fn in fns.items():
-            err = error_multiples(fn, case, ref, floor)
-            cells = " ".join(f"{q}={e:.2f}" for q, e in zip(quantities, err)) if isinstance(err, list) else err
-            print(f"  T={T} {name}: err/floor {cells}", flush=True)
+        checks = [(None, fns)]
+        if packed:
+            lengths = packed_lengths(T, max(T // 8, 1), seed=7)
+            cu = cu_seqlens_of(lengths).cuda()
+            print(f"  packed T={T}: {len(lengths)} sequences, lengths {lengths}")
+            checks.append((cu, functions(args, names, cu)))
+        for cu, check_fns in checks:
+            case, ref, floor = reference(args.op, make_inputs(B, T, H, N, torch.bfloat16, seed=7), 7, cu)
+            for name, fn in check_fns.items():
+                err = error_multiples(fn, case, ref, floor)
+                cells = " ".join(f"{q}={e:.2f}" for q, e in zip(quantities, err)) if isinstance(err, list) else err
+                print(f"  T={T} {name}: err/floor {cells}", flush=True)
     rows = []
     for shape_name in args.shapes:
         B, T, H, N = SHAPES[shape_name]
@@ -302,15 +350,22 @@ def main():
         if not args.no_accuracy:
             case, ref, floor = reference(args.op, inputs, seed=0)
             print(f"{shape_name} bf16 floor: " + " ".join(f"{q}={f:.2e}" for q, f in zip(quantities, floor)))
-        for name, fn in fns.items():
-            err = None if args.no_accuracy else error_multiples(fn, case, ref, floor)
+        timed = [(name, fn, inputs) for name, fn in fns.items()]
+        if packed:
+            lengths = packed_lengths(B * T, args.packed)
+            cu = cu_seqlens_of(lengths).cuda()
+            print(f"  {shape_name} packed: {B * T} tokens in {len(lengths)} sequences of 1 to {2 * args.packed}")
+            one_row = [x.reshape(1, B * T, *x.shape[2:]) if x.dim() == 4 else x for x in inputs]
+            timed += [(name, fn, one_row) for name, fn in functions(args, names, cu).items()]
+        for name, fn, inputs in timed:
+            err = None if args.no_accuracy or "packed" in name else error_multiples(fn, case, ref, floor)
             try:
                 t_fwd, t_all = timings(fn, inputs)
             except Exception as e:
                 t_fwd = t_all = float("nan")
                 err = err if isinstance(err, str) else repr(e)[:80]
             rows.append((shape_name, name, t_fwd, t_all, err))
-            worst = f"{max(err):.2f}" if isinstance(err, list) else err
+            worst = f"{max(err):.2f}" if isinstance(err, list) else err or "-"
             times = f"fwd {t_fwd:.3f} ms, fwd+bwd {t_all:.3f} ms"
             print(f"  {shape_name} {name}: {times}, worst err/floor {worst}", flush=True)
             if args.profile and name.startswith("ours"):
@@ -326,7 +381,7 @@ def main():
         if isinstance(err, list):
             cells = f"{max(err):.2f} | " + " | ".join(f"{e:.2f}" for e in err)
         else:
-            cells = f"{err} |" + " |" * (len(quantities) - 1)
+            cells = f"{err or '-'} |" + " |" * (len(quantities) - 1)
         print(f"| {shape} | {name} | {t_fwd:.3f} | {t_all:.3f} | {cells} |")
 
 
