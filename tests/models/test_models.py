@@ -11,6 +11,7 @@ import torch
 from rwkvkit.errors import ConfigError, TokenizerError
 from rwkvkit.models import RWKVConfig, State, build_model
 from rwkvkit.models.checkpoint import load_checkpoint
+from rwkvkit.ops.testing import cu_seqlens_of
 
 VERSIONS = ["4", "5.2", "6", "7"]
 V = 97  # the tiny checkpoints' vocab (see tests/support/official_checkpoints.py TINY)
@@ -241,3 +242,60 @@ def test_init_weights_follow_the_official_recipe(version):
     # near-uniform predictions at init: the loss starts close to ln(V)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), _tokens(2, 16, seed=5).flatten())
     assert abs(loss.item() - math.log(V)) < 0.5
+
+
+PACKED_LENGTHS = (7, 0, 12, 1, 5)  # an empty and a one-token sequence among them
+
+
+@torch.no_grad()
+def test_packed_sequences_equal_each_sequence_alone(model):
+    """Sequences packed in one row (cu_seqlens) give each sequence's logits and final state as if it ran alone,
+    from zero states and from a state per sequence: the token shift restarts at every boundary as the WKV does."""
+    cu = cu_seqlens_of(PACKED_LENGTHS)
+    idx = _tokens(1, sum(PACKED_LENGTHS), seed=5)
+    _, given = model(_tokens(len(PACKED_LENGTHS), 3, seed=6))
+    for state in (None, given):
+        logits, packed_state = model(idx, state, cu_seqlens=cu)
+        assert packed_state.batch_size == len(PACKED_LENGTHS)
+        for i, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            own = model.zero_state() if state is None else state.select(i)
+            if end > start:
+                alone, own = model(idx[:, start:end], own)
+                torch.testing.assert_close(logits[:, start:end], alone, atol=2e-5, rtol=0)
+            for name in ("att_x", "wkv", "ffn_x"):
+                torch.testing.assert_close(getattr(packed_state.select(i), name), getattr(own, name),
+                                           atol=2e-5, rtol=1e-5)
+
+
+def test_packed_sequences_gradients_equal_the_sum_over_sequences(model):
+    cu = cu_seqlens_of(PACKED_LENGTHS)
+    idx = _tokens(1, sum(PACKED_LENGTHS), seed=7)
+    weight = torch.randn(1, idx.shape[1], V, generator=torch.Generator().manual_seed(8))
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed = grads((model(idx, cu_seqlens=cu)[0] * weight).sum())
+    loss = sum((model(idx[:, s:e])[0] * weight[:, s:e]).sum()
+               for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()) if e > s)
+    alone = grads(loss)
+    assert packed.keys() == alone.keys()
+    for name in packed:
+        torch.testing.assert_close(packed[name], alone[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@torch.no_grad()
+def test_packed_sequences_input_forms_and_errors(make_checkpoint):
+    model = load_checkpoint(make_checkpoint("7")).eval()
+    cu = cu_seqlens_of((3, 4))
+    idx = _tokens(1, 7)
+    logits, state = model(idx[0], cu_seqlens=cu)  # 1-D ids: logits [T, V], one state row per sequence
+    assert logits.shape == (7, V) and state.batch_size == 2
+    with pytest.raises(ConfigError, match="one batch row"):
+        model(_tokens(2, 7), cu_seqlens=cu)
+    with pytest.raises(ConfigError, match="from 0 to T_total = 7"):
+        model(idx, cu_seqlens=cu_seqlens_of((3, 5)))
+    with pytest.raises(ConfigError, match="batch size 1 but the input has 2"):
+        model(idx, model.zero_state(1), cu_seqlens=cu)

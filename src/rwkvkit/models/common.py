@@ -14,6 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -230,11 +231,43 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
             raise TokenizerError(f"token id {ids[outside][0].item()} is outside the vocabulary [0, {vocab_size})")
 
 
-def token_shift(x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-    """x [B, T, C] shifted one step later in time; position 0 gets x_prev [B, C] (the state)."""
+class Packing(NamedTuple):
+    """Sequences packed in one row [1, T_total] (`cu_seqlens` [N + 1], as the WKV ops take it), and where the token
+    shift reads from: rows of cat(x_prev [N, C], x[0] [T_total, C]). A sequence's first token reads its own x_prev
+    row, every other token the token before it; the state a sequence leaves is its last token, or its x_prev if it
+    is empty. Index tensors made on the device without waiting for it."""
+
+    cu_seqlens: torch.Tensor
+    shift_from: torch.Tensor  # [T_total]
+    last_from: torch.Tensor  # [N]
+
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, total: int, device: torch.device) -> Packing:
+        """total = T_total, known from the tokens (reading it from device cu_seqlens would wait for the GPU)."""
+        cu = cu_seqlens.to(device=device, dtype=torch.long, non_blocking=True)
+        n = cu.numel() - 1
+        t = torch.arange(total, device=device)
+        seq = torch.searchsorted(cu[1:], t, right=True)  # the sequence token t belongs to
+        shift_from = torch.where(t == cu[seq], seq, n + t - 1)
+        last_from = torch.where(cu[1:] > cu[:-1], n + cu[1:] - 1, torch.arange(n, device=device))
+        return cls(cu_seqlens, shift_from, last_from)
+
+
+def token_shift(x: torch.Tensor, x_prev: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+    """x [B, T, C] shifted one step later in time; position 0 gets x_prev [B, C] (the state). Packed ([1, T, C],
+    x_prev [N, C]): each sequence's first token gets its own x_prev row."""
+    if packing is not None:
+        return torch.cat((x_prev, x[0])).index_select(0, packing.shift_from).unsqueeze(0)
     if x.shape[1] == 1:
         return x_prev.unsqueeze(1)
     return torch.cat((x_prev.unsqueeze(1), x[:, :-1]), dim=1)
+
+
+def last_token(x: torch.Tensor, x_prev: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+    """The token-shift state x leaves, [B, C]: its last token; packed, [N, C], each sequence's (x_prev if empty)."""
+    if packing is not None:
+        return torch.cat((x_prev.to(x.dtype), x[0])).index_select(0, packing.last_from)
+    return x[:, -1]
 
 
 def in_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -259,21 +292,22 @@ class Block(nn.Module):
         self.att = att
         self.ffn = ffn
 
-    def forward(self, x, att_x, wkv, ffn_x, v_first):
-        x, xf, att_last, wkv, v_first = self.time_mix_residual(x, att_x, wkv, v_first)
-        x = self.channel_mix_residual(x, xf, ffn_x)
-        return x, att_last, wkv, xf[:, -1], v_first
+    def forward(self, x, att_x, wkv, ffn_x, v_first, packing: Packing | None = None):
+        x, xf, att_last, wkv, v_first = self.time_mix_residual(x, att_x, wkv, v_first, packing)
+        x = self.channel_mix_residual(x, xf, ffn_x, packing)
+        return x, att_last, wkv, last_token(xf, ffn_x, packing), v_first
 
-    def time_mix_residual(self, x, att_x, wkv, v_first):
+    def time_mix_residual(self, x, att_x, wkv, v_first, packing=None):
         """ln1, time-mix and residual, and ln2 of the result: in training one compiled graph (compile_blocks), in
         which the residual stream's two gradients (through ln2, and past it) meet."""
         xa = in_autocast_dtype(self.ln1(x))
-        out, wkv, v_first = self.att(xa, att_x.to(xa.dtype), wkv, v_first)
+        att_x = att_x.to(xa.dtype)
+        out, wkv, v_first = self.att(xa, att_x, wkv, v_first, packing)
         x = x + out
-        return x, in_autocast_dtype(self.ln2(x)), xa[:, -1], wkv, v_first
+        return x, in_autocast_dtype(self.ln2(x)), last_token(xa, att_x, packing), wkv, v_first
 
-    def channel_mix_residual(self, x, xf, ffn_x):
-        return x + self.ffn(xf, ffn_x.to(xf.dtype))
+    def channel_mix_residual(self, x, xf, ffn_x, packing=None):
+        return x + self.ffn(xf, ffn_x.to(xf.dtype), packing)
 
 
 class RWKVModel(nn.Module):
@@ -282,6 +316,9 @@ class RWKVModel(nn.Module):
 
     `model(idx, state=None) -> (logits, new_state)`: idx is [B, T] (or a list of ids / 1-D tensor, then logits
     are [T, V] and the state has batch 1). `model.hidden(...)` returns the ln_out output instead of logits.
+    `model(idx, state, cu_seqlens=cu)`: idx holds N sequences packed in one row ([1, T_total] or 1-D), cu [N + 1]
+    marks where each starts (as the WKV ops take it); each runs from its own state (batch N) and nothing crosses a
+    boundary, so the logits equal those of each sequence run alone and the new state has one row per sequence.
     """
 
     version: str = ""
@@ -344,43 +381,55 @@ class RWKVModel(nn.Module):
         if state.batch_size != batch:
             raise ConfigError(f"state has batch size {state.batch_size} but the input has {batch}")
 
-    def _run(self, idx, state: State | None):
+    def _run(self, idx, state: State | None, cu_seqlens: torch.Tensor | None = None):
         idx, single = self._as_batch(idx)
+        packing = None
+        if cu_seqlens is not None:
+            from rwkvkit.ops.varlen import check_cu_seqlens
+
+            n_seqs = check_cu_seqlens(cu_seqlens, idx, None)
+            packing = Packing.build(cu_seqlens, idx.shape[1], idx.device)
         if state is not None:
-            self._check_state(state, idx.shape[0])
-        x, state = self.run_unchecked(idx, state)
+            self._check_state(state, idx.shape[0] if packing is None else n_seqs)
+        x, state = self.run_unchecked(idx, state, packing=packing)
         return x, state, single
 
-    def run_unchecked(self, idx: torch.Tensor, state: State | None = None, run_block=None):
+    def run_unchecked(self, idx: torch.Tensor, state: State | None = None, run_block=None,
+                      packing: Packing | None = None):
         """The core of `hidden`, without its input checks: idx must be a [B, T] long tensor on the model's device
         and state None or a State of this model and batch. Nothing in it waits for the device, so it can be
         captured in a CUDA graph (`rwkvkit.runtime.decode`). `run_block(i, x, att_x, wkv, ffn_x, v_first)`, if
-        given, runs layer i in place of `self.blocks[i](...)` (the decoder passes compiled layer steps).
+        given, runs layer i in place of `self.blocks[i](...)` (the decoder passes compiled layer steps). packing:
+        idx is one row of packed sequences and the state has one row per sequence (`Packing.build`).
         Returns (ln_out output [B, T, C], new State)."""
         x = self.emb(idx)
         if state is None:
-            state = State.zeros(self.config, idx.shape[0], device=x.device, dtype=x.dtype)
+            batch = idx.shape[0] if packing is None else packing.last_from.shape[0]
+            state = State.zeros(self.config, batch, device=x.device, dtype=x.dtype)
         att_x, wkv, ffn_x = [], [], []
         v_first = None
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
             args = (x, state.att_x[i], state.wkv[i], state.ffn_x[i], v_first)
-            x, ax, s, fx, v_first = block(*args) if run_block is None else run_block(i, *args)
+            if packing is not None:
+                x, ax, s, fx, v_first = block(*args, packing)
+            else:
+                x, ax, s, fx, v_first = block(*args) if run_block is None else run_block(i, *args)
             att_x.append(ax)
             wkv.append(s)
             ffn_x.append(fx)
         new_state = State(torch.stack(att_x), torch.stack(wkv), torch.stack(ffn_x), self.config.version)
         return self.ln_out(x), new_state
 
-    def forward(self, idx, state: State | None = None):
-        x, state, single = self._run(idx, state)
+    def forward(self, idx, state: State | None = None, *, cu_seqlens: torch.Tensor | None = None):
+        x, state, single = self._run(idx, state, cu_seqlens)
         logits = self.head(x)
         return (logits[0] if single else logits), state
 
-    def hidden(self, idx, state: State | None = None):
+    def hidden(self, idx, state: State | None = None, *, cu_seqlens: torch.Tensor | None = None):
         """Like forward but returns the ln_out output [.., T, C] (for a fused head + loss)."""
-        x, state, single = self._run(idx, state)
+        x, state, single = self._run(idx, state, cu_seqlens)
         return (x[0] if single else x), state
 
     def compile_blocks(self, mode: str = "default", **options) -> None:

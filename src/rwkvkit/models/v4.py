@@ -33,13 +33,15 @@ class TimeMix(nn.Module):
         self.receptance = nn.Linear(C, A, bias=False)
         self.output = nn.Linear(A, C, bias=False)
 
-    def forward(self, x, x_prev, state, v_first):
-        xs = token_shift(x, x_prev)
+    def forward(self, x, x_prev, state, v_first, packing=None):
+        xs = token_shift(x, x_prev, packing)
         k = self.key(lerp_mix(x, xs, self.time_mix_k))
         v = self.value(lerp_mix(x, xs, self.time_mix_v))
         r = torch.sigmoid(self.receptance(lerp_mix(x, xs, self.time_mix_r)))
         # decay and bonus in fp32: -exp(time_decay) is close to 0 for slow channels
-        y, state = wkv4(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v, initial_state=state)
+        cu_seqlens = None if packing is None else packing.cu_seqlens
+        y, state = wkv4(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v, initial_state=state,
+                        cu_seqlens=cu_seqlens)
         return self.output(r * y), state, v_first
 
 
@@ -55,8 +57,8 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F, C, bias=False)
 
-    def forward(self, x, x_prev):
-        xs = token_shift(x, x_prev)
+    def forward(self, x, x_prev, packing=None):
+        xs = token_shift(x, x_prev, packing)
         k = torch.relu(self.key(lerp_mix(x, xs, self.time_mix_k))) ** 2
         return torch.sigmoid(self.receptance(lerp_mix(x, xs, self.time_mix_r))) * self.value(k)
 

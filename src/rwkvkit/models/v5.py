@@ -36,16 +36,17 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, C, bias=False)
         self.ln_x = nn.GroupNorm(H, A)
 
-    def forward(self, x, x_prev, state, v_first):
+    def forward(self, x, x_prev, state, v_first, packing=None):
         B, T, _ = x.shape
         H, N = self.n_head, self.head_size
-        xs = token_shift(x, x_prev)
+        xs = token_shift(x, x_prev, packing)
         r = self.receptance(lerp_mix(x, xs, self.time_mix_r)).view(B, T, H, N)
         k = self.key(lerp_mix(x, xs, self.time_mix_k)).view(B, T, H, N)
         v = self.value(lerp_mix(x, xs, self.time_mix_v)).view(B, T, H, N)
         g = F.silu(self.gate(lerp_mix(x, xs, self.time_mix_g)))
         log_decay = -torch.exp(self.time_decay.float()).expand(B, T, H, N)  # fp32: decays can be within 1e-5 of 1
-        y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state)
+        cu_seqlens = None if packing is None else packing.cu_seqlens
+        y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state, cu_seqlens=cu_seqlens)
         y = group_norm(y.reshape(B, T, H * N) / HEAD_SIZE_DIVISOR, self.ln_x)
         return self.output(y * g), state, v_first
 

@@ -41,10 +41,10 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, C, bias=False)
         self.ln_x = nn.GroupNorm(H, A, eps=_GROUP_NORM_EPS)
 
-    def forward(self, x, x_prev, state, v_first):
+    def forward(self, x, x_prev, state, v_first, packing=None):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, x_prev) - x
+        xx = token_shift(x, x_prev, packing) - x
         # ddlerp: one LoRA gives the five data-dependent shift amounts (for w, k, v, r, g)
         lora = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
         mw, mk, mv, mr, mg = torch.bmm(lora, self.time_maa_w2).view(5, B, T, C).unbind(0)
@@ -60,7 +60,8 @@ class TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
         log_decay = -torch.exp(w.float()).view(B, T, H, N)  # fp32: decays can be within 1e-5 of 1
-        y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state)
+        cu_seqlens = None if packing is None else packing.cu_seqlens
+        y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state, cu_seqlens=cu_seqlens)
         y = group_norm(y.reshape(B, T, H * N), self.ln_x)
         return self.output(y * g), state, v_first
 
@@ -75,8 +76,8 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F_, C, bias=False)
 
-    def forward(self, x, x_prev):
-        xx = token_shift(x, x_prev) - x
+    def forward(self, x, x_prev, packing=None):
+        xx = token_shift(x, x_prev, packing) - x
         k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2
         return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k)
 

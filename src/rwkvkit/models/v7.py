@@ -55,10 +55,10 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=_GROUP_NORM_EPS)
 
-    def forward(self, x, x_prev, state, v_first):
+    def forward(self, x, x_prev, state, v_first, packing=None):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, x_prev) - x
+        xx = token_shift(x, x_prev, packing) - x
         # x + xx * mix, one fused op each (this runs per token in decoding)
         xr, xw, xk, xv, xa, xg = (
             torch.addcmul(x, xx, mix) for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
@@ -83,7 +83,9 @@ class TimeMix(nn.Module):
         r, k, v, a = (t.view(B, T, H, N) for t in (r, k, v, a))
         # the WKV kernels read their inputs several times; the official trainer's kernels take them in bf16 too
         k, v, a, b, log_decay = (in_autocast_dtype(t) for t in (k, v, -kk, kk * a, log_decay.view(B, T, H, N)))
-        y, state = wkv7(r, log_decay, k, v, a, b, initial_state=state, log_decay_min=-_LOG_DECAY_SCALE)
+        cu_seqlens = None if packing is None else packing.cu_seqlens
+        y, state = wkv7(r, log_decay, k, v, a, b, initial_state=state, log_decay_min=-_LOG_DECAY_SCALE,
+                        cu_seqlens=cu_seqlens)
 
         y = group_norm(y.reshape(B, T, C), self.ln_x)
         # r_k bonus: the current token's own value, weighted per head by <r, k * r_k>
@@ -99,8 +101,8 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(C, config.dim_ffn, bias=False)
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
 
-    def forward(self, x, x_prev):
-        k = torch.addcmul(x, token_shift(x, x_prev) - x, self.x_k)
+    def forward(self, x, x_prev, packing=None):
+        k = torch.addcmul(x, token_shift(x, x_prev, packing) - x, self.x_k)
         return self.value(torch.relu(self.key(k)) ** 2)
 
 

@@ -1,10 +1,11 @@
-"""RWKV-4 WKV op: `wkv4(w, u, k, v, initial_state=None, impl="auto") -> (y, final_state)`."""
+"""RWKV-4 WKV op: `wkv4(w, u, k, v, initial_state=None, impl="auto", cu_seqlens=None) -> (y, final_state)`."""
 
 from __future__ import annotations
 
 import torch
 
 from rwkvkit.ops import require_triton_kernel, triton_kernel, wants_kernel
+from rwkvkit.ops.varlen import check_cu_seqlens, per_sequence
 
 from .chunked import wkv4_chunked, wkv4_step
 from .naive import EMPTY_PP, empty_state, wkv4_naive
@@ -19,6 +20,7 @@ def wkv4(
     v: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     impl: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel weighted average of past values with decay w and a bonus u for the current token.
 
@@ -26,9 +28,14 @@ def wkv4(
     empty state having pp = -1e38. Returns y in k's dtype and the final state. Inputs are never modified.
     impl: "auto" (a single-step path for T == 1, the Triton walk of triton_seq.py on CUDA from T = KERNEL_MIN_T
     (128) on, else chunked), "naive", "chunked" or "triton".
+    cu_seqlens: [N + 1] starts of N sequences packed into one row [1, T_total, C], each with its own initial and
+    final state ([N, 3, C]; `rwkvkit.ops.varlen`). Every implementation runs them one sequence at a time.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv4 impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, k, initial_state)
+        return per_sequence(lambda k, v, s0: wkv4(w, u, k, v, s0, impl), cu_seqlens, (k, v), initial_state)
     if impl == "auto":
         kernel = triton_kernel("wkv4", "triton_seq") if wants_kernel(k) else None
         if kernel is not None:
