@@ -279,8 +279,9 @@ def functions(args, names, cu_seqlens=None):
     """{name: fn(*inputs, s0)} of ours (each variant) and the peers asked for; with cu_seqlens, packed calls."""
     tag = "" if cu_seqlens is None else " packed"
     if args.op == "wkv4":  # one Triton kernel (no configs): beside the PyTorch path "auto" took before it
-        return {"ours wkv4 triton": ours4("triton"), "ours wkv4 chunked (PyTorch)": ours4("chunked")}
-    fns = {f"ours {args.op} {n}{tag}": ours(args.op, VARIANTS[n], cu_seqlens) for n in names}
+        fns = {"ours wkv4 triton": ours4("triton"), "ours wkv4 chunked (PyTorch)": ours4("chunked")}
+    else:
+        fns = {f"ours {args.op} {n}{tag}": ours(args.op, VARIANTS[n], cu_seqlens) for n in names}
     if args.fla and args.op == "wkv7":
         if args.fla != "lower_bound":
             fns[f"fla chunk_rwkv7{tag}"] = fla_rwkv7(cu_seqlens)

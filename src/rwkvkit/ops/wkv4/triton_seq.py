@@ -64,14 +64,26 @@ def _this_program(w_ptr, u_ptr, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _token(ptr, b, t, T, C, cols, live):
+    """Token t's [BLOCK] channels of a [B, T, C] input as float32 (zeros outside [0, T): t is a [BLOCK] vector)."""
+    return tl.load(ptr + (b * T + t) * C + cols, mask=live & (t >= 0) & (t < T), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, y_ptr, states_ptr, s_final_ptr, T, C,
          HAS_S0: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr):
     b, cols, live, w, u = _this_program(w_ptr, u_ptr, C, BLOCK)
     aa, bb, pp = _initial_state(s0_ptr + b * 3 * C, cols, C, live, HAS_S0)
+    # Each token's loads are issued a token ahead, before the walk needs them: the chain of exponentials is short,
+    # and a load that starts only when the token does is what the walk waits for (H100: fwd+bwd 4.51 -> 3.69 ms).
+    zero = tl.zeros([BLOCK], dtype=tl.int32)  # t as a vector (the interpreter's loop counter is a plain int)
+    k_next = _token(k_ptr, b, zero, T, C, cols, live)
+    v_next = _token(v_ptr, b, zero, T, C, cols, live)
     for t in range(T):
+        kt, vt = k_next, v_next
+        k_next = _token(k_ptr, b, zero + t + 1, T, C, cols, live)
+        v_next = _token(v_ptr, b, zero + t + 1, T, C, cols, live)
         at = (b * T + t) * C + cols
-        kt = tl.load(k_ptr + at, mask=live, other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + at, mask=live, other=0.0).to(tl.float32)
         q = tl.maximum(pp, u + kt)
         e1 = tl.exp(pp - q)
         e2 = tl.exp(u + kt - q)
@@ -88,14 +100,30 @@ def _fwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, y_ptr, states_ptr, s_final_ptr, T, 
 
 
 @triton.jit
+def _bwd_token(k_ptr, v_ptr, dy_ptr, states_ptr, b, t, T, C, cols, live):
+    """What the backward walk reads for token t: k, v, dy and the saved state after token t - 1 (zeros for t = 0,
+    which the walk replaces by the initial state)."""
+    kt = _token(k_ptr, b, t, T, C, cols, live)
+    vt = _token(v_ptr, b, t, T, C, cols, live)
+    dyt = _token(dy_ptr, b, t, T, C, cols, live)
+    prev = states_ptr + (b * T + t - 1) * 3 * C + cols
+    ok = live & (t >= 1) & (t <= T)
+    aa_p = tl.load(prev, mask=ok, other=0.0)
+    bb_p = tl.load(prev + C, mask=ok, other=0.0)
+    p_p = tl.load(prev + 2 * C, mask=ok, other=0.0)
+    return kt, vt, dyt, aa_p, bb_p, p_p
+
+
+@triton.jit
 def _bwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, states_ptr, dy_ptr, ds_final_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr,
          ds0_ptr, T, C, HAS_S0: tl.constexpr, HAS_DS_FINAL: tl.constexpr, BLOCK: tl.constexpr):
     b, cols, live, w, u = _this_program(w_ptr, u_ptr, C, BLOCK)
     aa0, bb0, pp0 = _initial_state(s0_ptr + b * 3 * C, cols, C, live, HAS_S0)
+    aa_t, bb_t, p_t = _load_state(states_ptr + (b * T + T - 1) * 3 * C, cols, C, live)
+    p_t = tl.where(live, p_t, 0.0)  # lanes past C: finite, as every other value there
     if HAS_DS_FINAL:
         gaa, gbb, gpp = _load_state(ds_final_ptr + b * 3 * C, cols, C, live)
         gpp = tl.where(live, gpp, 0.0)
-        aa_t, bb_t, pp_t = _load_state(states_ptr + (b * T + T - 1) * 3 * C, cols, C, live)
         ga = gaa
         gb = gbb
         gp = gpp - gaa * aa_t - gbb * bb_t  # aa_T = a_T e^{-p_T}: p_T also moves aa_T and bb_T
@@ -105,19 +133,18 @@ def _bwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, states_ptr, dy_ptr, ds_final_ptr, d
         gp = tl.zeros([BLOCK], dtype=tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     du = tl.zeros([BLOCK], dtype=tl.float32)
+    zero = tl.zeros([BLOCK], dtype=tl.int32)
+    # loads a token ahead, as in the forward; p_t of the next token back is this token's p_{t-1}
+    k_n, v_n, dy_n, aa_n, bb_n, p_n = _bwd_token(k_ptr, v_ptr, dy_ptr, states_ptr, b, zero + T - 1, T, C, cols, live)
     for i in range(T):
         t = T - 1 - i
-        at = (b * T + t) * C + cols
-        kt = tl.load(k_ptr + at, mask=live, other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + at, mask=live, other=0.0).to(tl.float32)
-        dyt = tl.load(dy_ptr + at, mask=live, other=0.0).to(tl.float32)
-        p_t = tl.load(states_ptr + (b * T + t) * 3 * C + 2 * C + cols, mask=live, other=0.0)
-        prev = states_ptr + (b * T + tl.maximum(t - 1, 0)) * 3 * C
-        aa_p, bb_p, p_p = _load_state(prev, cols, C, live)
+        kt, vt, dyt, aa_p, bb_p, p_saved = k_n, v_n, dy_n, aa_n, bb_n, p_n
+        k_n, v_n, dy_n, aa_n, bb_n, p_n = _bwd_token(k_ptr, v_ptr, dy_ptr, states_ptr, b, zero + t - 1, T, C,
+                                                     cols, live)
         first = t == 0
         aa_p = tl.where(first, aa0, aa_p)
         bb_p = tl.where(first, bb0, bb_p)
-        p_p = tl.where(first, pp0, p_p)
+        p_p = tl.where(first, pp0, p_saved)
         # the output: y_t = N / D with the max exponent q taken out of both
         q = tl.maximum(p_p, u + kt)
         e1 = tl.exp(p_p - q)
@@ -142,10 +169,12 @@ def _bwd(w_ptr, u_ptr, k_ptr, v_ptr, s0_ptr, states_ptr, dy_ptr, ds_final_ptr, d
         dw += tl.where(keeps, gp, 0.0)
         dkt += tl.where(keeps, 0.0, gp)
         gp = tl.where(keeps, gp, 0.0)
+        at = (b * T + t) * C + cols
         tl.store(dk_ptr + at, dkt.to(dk_ptr.dtype.element_ty), mask=live)
         tl.store(dv_ptr + at, dvt.to(dv_ptr.dtype.element_ty), mask=live)
         ga = ga_p
         gb = gb_p
+        p_t = p_saved
     tl.store(dw_ptr + b * C + cols, dw, mask=live)
     tl.store(du_ptr + b * C + cols, du, mask=live)
     if HAS_S0:  # a_0 = aa_0 e^{pp_0}
