@@ -27,8 +27,8 @@ import importlib.util
 import torch
 import triton
 
-from rwkvkit.ops.testing import V7_MIN_LOG_DECAY, cu_seqlens_of
-from rwkvkit.ops.varlen import per_sequence
+from rwkvkit.ops.testing import V7_MIN_LOG_DECAY
+from rwkvkit.ops.varlen import cu_seqlens_of, per_sequence
 from rwkvkit.ops.wkv6.triton_chunk import wkv6_triton
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, wkv7_triton
 

@@ -53,7 +53,7 @@ PACKED_LENGTHS = (130, 0, 67, 1, 90)  # 288 tokens: the WKV kernels' path (T >= 
 def test_cuda_packed_sequences_match_cpu(make_checkpoint, version, cu_on):
     """Packed sequences through the GPU kernels (tables from CPU or GPU cu_seqlens) against the CPU model, which
     runs each sequence alone: logits, states and parameter gradients."""
-    from rwkvkit.ops.testing import cu_seqlens_of
+    from rwkvkit.ops.varlen import cu_seqlens_of
 
     path = make_checkpoint(version, head_size=64) if version != "4" else make_checkpoint(version)
     cu = cu_seqlens_of(PACKED_LENGTHS)
@@ -80,7 +80,7 @@ def test_packed_compiled_blocks_match_eager():
     import torch._dynamo.utils
 
     from rwkvkit.models import RWKVConfig, build_model
-    from rwkvkit.ops.testing import cu_seqlens_of
+    from rwkvkit.ops.varlen import cu_seqlens_of
 
     torch.manual_seed(0)
     model = build_model(RWKVConfig("7", 3, 256, 97, head_size=64), init=True).cuda()

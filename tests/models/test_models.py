@@ -11,7 +11,7 @@ import torch
 from rwkvkit.errors import ConfigError, TokenizerError
 from rwkvkit.models import RWKVConfig, State, build_model
 from rwkvkit.models.checkpoint import load_checkpoint
-from rwkvkit.ops.testing import cu_seqlens_of
+from rwkvkit.ops.varlen import cu_seqlens_of
 
 VERSIONS = ["4", "5.2", "6", "7"]
 V = 97  # the tiny checkpoints' vocab (see tests/support/official_checkpoints.py TINY)

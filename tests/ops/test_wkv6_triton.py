@@ -9,13 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 from triton_interpreter import (
-    check_bf16_saved_states, count_chunks_on, device_for_kernel_tests, fill_new_buffers_with_nan,
+    assert_kernel_matches, check_bf16_saved_states, count_chunks_on, device_for_kernel_tests,
+    fill_new_buffers_with_nan,
 )
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk")
 ON_GPU = DEVICE == "cuda"
 
-from rwkvkit.ops.testing import PACKED_LENGTHS, cu_seqlens_of  # noqa: E402
+from rwkvkit.ops.testing import PACKED_LENGTHS  # noqa: E402
+from rwkvkit.ops.varlen import cu_seqlens_of  # noqa: E402
 from rwkvkit.ops.wkv6 import triton_chunk, wkv6  # noqa: E402
 from rwkvkit.ops.wkv6.naive import wkv6_naive  # noqa: E402
 from rwkvkit.ops.wkv7.triton_chunk import KernelConfig  # noqa: E402
@@ -67,15 +69,10 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, halves, monkeyp
     cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_halves=halves)
     # 64-token walks floor the log decay at -2.2 (log_decay_floor), which a few of these draws pass (GPU, N = 64)
     floor = triton_chunk.log_decay_floor(cfg)
-    want = run(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x), inputs, state, dy, ds)
-    fill_new_buffers_with_nan(monkeypatch)
-    got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), inputs, state, dy, ds)
-    monkeypatch.undo()
-    assert len(got) == len(want) == (8 if with_state else 7)
-    for name, g, w in zip(NAMES, got, want):
-        assert g.dtype == w.dtype, name
-        assert torch.isfinite(g).all(), name
-        assert rel_err(g, w) < 2e-5, name
+    got = assert_kernel_matches(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x),
+                                lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), (inputs, state, dy, ds), NAMES,
+                                monkeypatch)
+    assert len(got) == (8 if with_state else 7)
 
 
 @pytest.mark.parametrize("chunk, grad_chunk, halves, with_state, cu_on", [
@@ -92,14 +89,10 @@ def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, halves, w
     ds = torch.randn(n, 2, HEAD, HEAD, device=DEVICE)
     cu = count_chunks_on(cu_on, cu_seqlens_of(lengths).to(DEVICE), monkeypatch)
     cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_halves=halves)
-    want = run(lambda *x: wkv6(*x, impl="naive", cu_seqlens=cu), inputs, state, dy, ds)
-    fill_new_buffers_with_nan(monkeypatch)
-    got = run(lambda *x: triton_chunk.wkv6_triton(*x, config=cfg, cu_seqlens=cu), inputs, state, dy, ds)
-    monkeypatch.undo()
-    assert len(got) == len(want) == (8 if with_state else 7)
-    for name, g, w in zip(NAMES, got, want):
-        assert g.shape == w.shape and torch.isfinite(g).all(), name
-        assert rel_err(g, w) < 2e-5, name
+    got = assert_kernel_matches(lambda *x: wkv6(*x, impl="naive", cu_seqlens=cu),
+                                lambda *x: triton_chunk.wkv6_triton(*x, config=cfg, cu_seqlens=cu),
+                                (inputs, state, dy, ds), NAMES, monkeypatch)
+    assert len(got) == (8 if with_state else 7)
 
 
 @pytest.mark.parametrize("chunk, halves", [(16, True), (32, False), (16, False)])

@@ -10,13 +10,15 @@ import shutil
 import pytest
 import torch
 from triton_interpreter import (
-    check_bf16_saved_states, count_chunks_on, device_for_kernel_tests, fill_new_buffers_with_nan,
+    assert_kernel_matches, check_bf16_saved_states, count_chunks_on, device_for_kernel_tests,
+    fill_new_buffers_with_nan,
 )
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk")
 ON_GPU = DEVICE == "cuda"
 
-from rwkvkit.ops.testing import PACKED_LENGTHS, cu_seqlens_of  # noqa: E402
+from rwkvkit.ops.testing import PACKED_LENGTHS  # noqa: E402
+from rwkvkit.ops.varlen import cu_seqlens_of  # noqa: E402
 from rwkvkit.ops.wkv7 import triton_chunk, wkv7  # noqa: E402
 from rwkvkit.ops.wkv7.naive import wkv7_naive  # noqa: E402
 
@@ -69,15 +71,9 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
     cfg = triton_chunk.KernelConfig(chunk=chunk, grad_chunk=grad_chunk, **EXACT)
-    want = run(wkv7_naive, inputs, state, dy, ds)
-    fill_new_buffers_with_nan(monkeypatch)
-    got = run(lambda *x: triton_chunk.wkv7_triton(*x, config=cfg), inputs, state, dy, ds)
-    monkeypatch.undo()
-    assert len(got) == len(want) == (9 if with_state else 8)
-    for name, g, w in zip(NAMES, got, want):
-        assert g.dtype == w.dtype, name
-        assert torch.isfinite(g).all(), name
-        assert rel_err(g, w) < 2e-5, name
+    got = assert_kernel_matches(wkv7_naive, lambda *x: triton_chunk.wkv7_triton(*x, config=cfg),
+                                (inputs, state, dy, ds), NAMES, monkeypatch)
+    assert len(got) == (9 if with_state else 8)
 
 
 def packed_case(lengths, with_state, seed):
@@ -98,14 +94,10 @@ def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, with_stat
     inputs, cu, state, dy, ds = packed_case(PACKED_LENGTHS, with_state, seed=14)
     cu = count_chunks_on(cu_on, cu, monkeypatch)
     cfg = triton_chunk.KernelConfig(chunk=chunk, grad_chunk=grad_chunk, **EXACT)
-    want = run(lambda *x: wkv7(*x, impl="naive", cu_seqlens=cu), inputs, state, dy, ds)
-    fill_new_buffers_with_nan(monkeypatch)
-    got = run(lambda *x: triton_chunk.wkv7_triton(*x, config=cfg, cu_seqlens=cu), inputs, state, dy, ds)
-    monkeypatch.undo()
-    assert len(got) == len(want) == (9 if with_state else 8)
-    for name, g, w in zip(NAMES, got, want):
-        assert g.shape == w.shape and torch.isfinite(g).all(), name
-        assert rel_err(g, w) < 2e-5, name
+    got = assert_kernel_matches(lambda *x: wkv7(*x, impl="naive", cu_seqlens=cu),
+                                lambda *x: triton_chunk.wkv7_triton(*x, config=cfg, cu_seqlens=cu),
+                                (inputs, state, dy, ds), NAMES, monkeypatch)
+    assert len(got) == (9 if with_state else 8)
 
 
 def test_packed_sequences_default_config(monkeypatch):

@@ -9,9 +9,8 @@ from typing import Callable
 import pytest
 import torch
 
-from rwkvkit.ops.testing import (
-    PACKED_LENGTHS, cu_seqlens_of, rel_rms, run_with_grads, wkv4_inputs, wkv6_inputs, wkv7_inputs,
-)
+from rwkvkit.ops.testing import PACKED_LENGTHS, rel_rms, run_with_grads, wkv4_inputs, wkv6_inputs, wkv7_inputs
+from rwkvkit.ops.varlen import cu_seqlens_of
 from rwkvkit.ops.wkv4 import wkv4, wkv4_chunked, wkv4_naive, wkv4_step
 from rwkvkit.ops.wkv6 import wkv6, wkv6_chunked, wkv6_naive, wkv6_step
 from rwkvkit.ops.wkv7 import wkv7, wkv7_chunked, wkv7_naive, wkv7_step

@@ -89,3 +89,22 @@ def count_chunks_on(where: str, cu_seqlens, monkeypatch):
         return cu_seqlens.cuda()
     monkeypatch.setattr(varlen, "counting_is_free", lambda cu: False)
     return cu_seqlens
+
+
+def assert_kernel_matches(reference, kernel, case, names, monkeypatch, tol=2e-5) -> list:
+    """kernel and reference on case = (inputs, initial state or None, dy, d final state): outputs, final state and
+    every gradient (the kernel's into NaN-filled buffers) have the reference's dtype and shape, are finite and
+    within tol in relative error. Returns the kernel's results."""
+    from rwkvkit.ops.testing import run_with_grads
+
+    want = run_with_grads(reference, *case)
+    fill_new_buffers_with_nan(monkeypatch)
+    got = run_with_grads(kernel, *case)
+    monkeypatch.undo()
+    assert len(got) == len(want)
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert torch.isfinite(g).all(), name
+        err = ((g.double() - w.double()).norm() / w.double().norm()).item()
+        assert err < tol, (name, err)
+    return got

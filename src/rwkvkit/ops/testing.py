@@ -70,8 +70,3 @@ def run_with_grads(fn, inputs, initial_state, dy, dstate):
 
 # packed-sequence tests: odd lengths, an empty sequence, a single token, one exactly a 16-token chunk
 PACKED_LENGTHS = (5, 0, 37, 16, 1, 20)
-
-
-def cu_seqlens_of(lengths) -> torch.Tensor:
-    """cu_seqlens (int32 [N + 1]) for sequences of these lengths packed in order."""
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)

@@ -14,6 +14,11 @@ from typing import Callable, NamedTuple
 import torch
 
 
+def cu_seqlens_of(lengths) -> torch.Tensor:
+    """cu_seqlens (int32 [N + 1], on the CPU) for sequences of these lengths packed in order."""
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor | None) -> int:
     """The number of sequences, after checking cu_seqlens against the packed input x [1, T_total, H, N] and the
     optional initial state [N, H, ...]. Values are checked only for CPU tensors: on the GPU a check waits for it."""
