@@ -213,3 +213,37 @@ def test_cuda_generation_uses_the_graph_and_keeps_its_tokens(official_models):
     assert got == want
     _, state = model(ids, state)  # the final state has taken the last token too
     _close(chunks[-1].state.wkv, state.wkv, tol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_prefill_of_prompts_of_different_lengths_packs_them(official_models, version):
+    """Prompts of different lengths for several rows run as packed sequences in one forward: each row's logits and
+    state are those of its prompt alone, from the empty state or from a given one; equal lengths take the [R, T]
+    path."""
+    model = official_models[version]
+    prompts = [token_ids(1, n, seed=10 + n)[0].tolist() for n in (7, 1, 12)]
+    start = model(token_ids(3, 4, seed=9))[1]
+    for state in (None, start):
+        dec = Decoder(model, batch_size=4)
+        logits = dec.prefill([prompts[0], torch.tensor(prompts[1]), prompts[2]], state, rows=[3, 0, 1])
+        for i, (prompt, row) in enumerate(zip(prompts, [3, 0, 1])):
+            alone, alone_state = model(prompt, None if state is None else state.select(i))
+            _close(logits[i], alone[-1])
+            _close(dec.state.select(row).wkv, alone_state.wkv)
+            _close(dec.state.select(row).att_x, alone_state.att_x)
+        assert torch.equal(dec.state.select(2).wkv, model.zero_state().wkv)  # untouched row
+    same = Decoder(model, batch_size=2).prefill([prompts[2], prompts[2][::-1]])
+    _close(same[0], model(prompts[2])[0][-1])
+
+
+def test_packed_prefill_checks_every_prompt_first(official_models):
+    dec = Decoder(official_models["7"], batch_size=2)
+    with pytest.raises(ConfigError, match="prefill got 3 sequences for 2 rows"):
+        dec.prefill([[1, 2], [3], [4, 5, 6]])
+    with pytest.raises(TokenizerError, match="empty token sequence"):
+        dec.prefill([[1, 2], []])
+    with pytest.raises(TokenizerError, match="token id 97"):
+        dec.prefill([[1, 2], [3, 97, 4]])
+    with pytest.raises(TokenizerError, match="one sequence"):
+        dec.prefill([[1, 2], torch.tensor([[3], [4]])])

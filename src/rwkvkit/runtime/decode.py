@@ -2,6 +2,7 @@
 
     dec = Decoder(model, batch_size=4)            # on CUDA: CUDA graph of fused Triton kernels or compiled layers
     logits = dec.prefill(prompt_ids, rows=[2])    # GPT mode for one stream, loaded into row 2 -> [1, V]
+    logits = dec.prefill([p0, p1], rows=[0, 3])   # prompts of any lengths, packed in one forward -> [2, V]
     logits = dec.step([t0, t1, t2, t3])           # one token per stream -> [4, V]
     dec.reset([1]); dec.load_state(saved, rows=[3]); saved = dec.state
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from rwkvkit.errors import ConfigError, TokenizerError
-from rwkvkit.models.common import RWKVModel, State, check_token_ids
+from rwkvkit.models.common import Packing, RWKVModel, State, check_token_ids
 from rwkvkit.ops import without_device_syncs
 
 # Up to this many streams the fused RWKV-7 step is the "auto" choice: it re-reads each weight once per stream
@@ -47,6 +48,15 @@ PREFILL_PIECES = (2048, 1024, 512, 256, 128)
 # Steps run before capture: the first runs compile / load kernels and pick cuBLAS algorithms, none of which may
 # happen while recording.
 _WARMUP_STEPS = 3
+
+
+def _prompt_list(ids):
+    """ids as a list of prompts, if it is a list or tuple of sequences (not of ints); else None."""
+    if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], int):
+        if isinstance(ids[0], torch.Tensor) and ids[0].dim() == 0:
+            return None  # a list of scalar tensors: one prompt
+        return list(ids)
+    return None
 
 
 def _resolve(option, name: str, on_cuda: bool) -> bool:
@@ -125,10 +135,16 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, ids, state: State | None = None, rows=None) -> torch.Tensor:
         """Run prompts in GPT mode (the model's normal forward, chunked / Triton WKV) and load the resulting
-        states into `rows` (default: all). ids: [R, T] (R = number of rows, all prompts of one length) or a list
-        of ids / 1-D tensor for one row. Starts from `state` ([R] rows) or the empty state, not from what the
-        rows held. Returns the logits after the last prompt token, [R, V]."""
+        states into `rows` (default: all). ids: [R, T] (R = number of rows, all prompts of one length), a list
+        of ids / 1-D tensor for one row, or a list of R prompts (lists of ids or 1-D tensors) of any lengths,
+        which run as packed sequences in one forward. Starts from `state` ([R] rows) or the empty state, not
+        from what the rows held. Returns the logits after each row's last prompt token, [R, V]."""
         index = self._rows(rows)
+        prompts = _prompt_list(ids)
+        if prompts is not None and len({len(p) for p in prompts}) > 1:
+            return self._prefill_packed(prompts, state, index)
+        if prompts is not None:
+            ids = torch.stack([self._one_prompt(p) for p in prompts])
         idx, _ = self.model._as_batch(ids)
         if idx.shape[0] != len(index):
             raise ConfigError(f"prefill got {idx.shape[0]} sequences for {len(index)} rows")
@@ -142,6 +158,30 @@ class Decoder:
         else:
             hidden, new_state = self.model.run_unchecked(idx, state)
             logits = self.model.head(hidden[:, -1])
+        self.load_state(new_state, index)
+        return logits
+
+    def _one_prompt(self, ids) -> torch.Tensor:
+        """One prompt of a list as a checked [T] id tensor on the model's device (in range, not empty)."""
+        idx, _ = self.model._as_batch(ids)
+        if idx.shape[0] != 1:
+            raise TokenizerError(f"each prompt in a list must be one sequence (ids or a 1-D tensor), got "
+                                 f"{list(idx.shape)}")
+        return idx[0]
+
+    def _prefill_packed(self, prompts, state: State | None, index: list[int]) -> torch.Tensor:
+        from rwkvkit.ops.varlen import cu_seqlens_of
+
+        if len(prompts) != len(index):
+            raise ConfigError(f"prefill got {len(prompts)} sequences for {len(index)} rows")
+        seqs = [self._one_prompt(p) for p in prompts]
+        if state is not None:
+            self.model._check_state(state, len(index))
+        cu = cu_seqlens_of([len(p) for p in seqs])
+        idx = torch.cat(seqs)[None]
+        hidden, new_state = self.model.run_unchecked(idx, state, packing=Packing.build(cu, idx.shape[1], idx.device))
+        last = (cu[1:] - 1).to(device=idx.device, dtype=torch.long)
+        logits = self.model.head(hidden[0].index_select(0, last))
         self.load_state(new_state, index)
         return logits
 
