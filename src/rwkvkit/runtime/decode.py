@@ -140,17 +140,17 @@ class Decoder:
         which run as packed sequences in one forward. Starts from `state` ([R] rows) or the empty state, not
         from what the rows held. Returns the logits after each row's last prompt token, [R, V]."""
         index = self._rows(rows)
-        prompts = _prompt_list(ids)
-        if prompts is not None and len({len(p) for p in prompts}) > 1:
-            return self._prefill_packed(prompts, state, index)
-        if prompts is not None:
-            ids = torch.stack([self._one_prompt(p) for p in prompts])
-        idx, _ = self.model._as_batch(ids)
-        if idx.shape[0] != len(index):
-            raise ConfigError(f"prefill got {idx.shape[0]} sequences for {len(index)} rows")
+        idx, cu = self._prompts(ids)
+        n_prompts = idx.shape[0] if cu is None else len(cu) - 1
+        if n_prompts != len(index):
+            raise ConfigError(f"prefill got {n_prompts} sequences for {len(index)} rows")
         if state is not None:
             self.model._check_state(state, len(index))
-        if self.use_graph and idx.shape[1] >= PREFILL_PIECES[-1]:
+        if cu is not None:  # packed: one row of all prompts' tokens
+            packing = Packing.build(cu, idx.shape[1], idx.device)
+            hidden, new_state = self.model.run_unchecked(idx, state, packing=packing)
+            logits = self.model.head(hidden[0].index_select(0, (cu[1:] - 1).to(idx.device, torch.long)))
+        elif self.use_graph and idx.shape[1] >= PREFILL_PIECES[-1]:
             if len(index) not in self._prefills:
                 pool = next(iter(self._prefills.values())).pool if self._prefills else torch.cuda.graph_pool_handle()
                 self._prefills[len(index)] = _PiecePrefill(self.model, len(index), pool)
@@ -161,29 +161,24 @@ class Decoder:
         self.load_state(new_state, index)
         return logits
 
-    def _one_prompt(self, ids) -> torch.Tensor:
-        """One prompt of a list as a checked [T] id tensor on the model's device (in range, not empty)."""
-        idx, _ = self.model._as_batch(ids)
-        if idx.shape[0] != 1:
-            raise TokenizerError(f"each prompt in a list must be one sequence (ids or a 1-D tensor), got "
-                                 f"{list(idx.shape)}")
-        return idx[0]
-
-    def _prefill_packed(self, prompts, state: State | None, index: list[int]) -> torch.Tensor:
+    def _prompts(self, ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Checked ids on the model's device: [R, T] and None, or, for a list of prompts of different lengths,
+        their tokens packed in one row [1, T_total] and cu_seqlens (on the CPU)."""
+        prompts = _prompt_list(ids)
+        if prompts is None:
+            return self.model._as_batch(ids)[0], None
+        seqs = []
+        for prompt in prompts:
+            idx, _ = self.model._as_batch(prompt)  # in range, not empty
+            if idx.shape[0] != 1:
+                raise TokenizerError(f"each prompt in a list must be one sequence (ids or a 1-D tensor), got "
+                                     f"{list(idx.shape)}")
+            seqs.append(idx[0])
+        if len({len(s) for s in seqs}) == 1:
+            return torch.stack(seqs), None
         from rwkvkit.ops.varlen import cu_seqlens_of
 
-        if len(prompts) != len(index):
-            raise ConfigError(f"prefill got {len(prompts)} sequences for {len(index)} rows")
-        seqs = [self._one_prompt(p) for p in prompts]
-        if state is not None:
-            self.model._check_state(state, len(index))
-        cu = cu_seqlens_of([len(p) for p in seqs])
-        idx = torch.cat(seqs)[None]
-        hidden, new_state = self.model.run_unchecked(idx, state, packing=Packing.build(cu, idx.shape[1], idx.device))
-        last = (cu[1:] - 1).to(device=idx.device, dtype=torch.long)
-        logits = self.model.head(hidden[0].index_select(0, last))
-        self.load_state(new_state, index)
-        return logits
+        return torch.cat(seqs)[None], cu_seqlens_of([len(s) for s in seqs])
 
     @torch.no_grad()
     def step(self, tokens) -> torch.Tensor:
