@@ -3,7 +3,7 @@
     python benchmarks/gpu_wkv.py                                  # WKV7, both issue shapes, our default config
     python benchmarks/gpu_wkv.py --variants all --profile --odd-length 1013
     python benchmarks/gpu_wkv.py --op wkv6 --fla                  # fla autotunes for minutes on its first call
-    python benchmarks/gpu_wkv.py --op wkv4                        # Triton walk vs our chunked PyTorch path
+    python benchmarks/gpu_wkv.py --op wkv4                        # Triton chunk scan vs our chunked PyTorch path
     python benchmarks/gpu_wkv.py --packed 512 --fla --odd-length 1013   # packed sequences (cu_seqlens)
 
 WKV7 inputs look like a real RWKV-7 layer's (decay in (e^{-e^{-0.5}}, 1), a = -kk, b = kk * iclr, |kk| = 1),
@@ -278,7 +278,7 @@ def kernel_breakdown(fn, inputs):
 def functions(args, names, cu_seqlens=None):
     """{name: fn(*inputs, s0)} of ours (each variant) and the peers asked for; with cu_seqlens, packed calls."""
     tag = "" if cu_seqlens is None else " packed"
-    if args.op == "wkv4":  # one Triton kernel (no configs): beside the PyTorch path "auto" took before it
+    if args.op == "wkv4":  # one Triton kernel (no configs), beside the PyTorch path
         fns = {"ours wkv4 triton": ours4("triton"), "ours wkv4 chunked (PyTorch)": ours4("chunked")}
     else:
         fns = {f"ours {args.op} {n}{tag}": ours(args.op, VARIANTS[n], cu_seqlens) for n in names}

@@ -58,13 +58,12 @@ def test_walk_blocks_shrink_when_batch_times_heads_is_small():
     assert walk_block_v(1 * 32, 64, None) == 16  # 1.5B batch-1 prefill
 
 
-def test_wkv4_channel_blocks_give_enough_programs():
+def test_wkv4_chunk_passes_give_many_programs():
     pytest.importorskip("triton")
-    from rwkvkit.ops.wkv4.triton_seq import MIN_PROGRAMS, _launch
+    from rwkvkit.ops.wkv4.triton_chunk import BLOCK, CHUNK, _grids
 
-    grid, meta = _launch(8, 768)
-    assert meta == {"BLOCK": 32, "num_warps": 1} and grid == (8, 24)
-    grid, meta = _launch(64, 4096)
-    assert meta["BLOCK"] == 128 and grid[0] * grid[1] >= MIN_PROGRAMS
-    grid, meta = _launch(1, 100)  # never below one warp's 32 lanes
-    assert meta["BLOCK"] == 32 and grid == (1, 4)
+    n_chunks, chunks, carries = _grids(8, 4096, 768)  # v4 0.1B training batch
+    assert n_chunks == 4096 // CHUNK and chunks == (n_chunks, 8, 768 // BLOCK) and carries == (8, 24)
+    assert chunks[0] * chunks[1] * chunks[2] * BLOCK // 32 >= 16 * carries[0] * carries[1]  # warps: >= 16x a walk
+    n_chunks, chunks, _ = _grids(1, 5, 100)  # shorter than a chunk: one chunk, one partial block
+    assert n_chunks == 1 and chunks == (1, 1, 1)

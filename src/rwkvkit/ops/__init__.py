@@ -5,7 +5,7 @@
     from rwkvkit.ops.wkv7 import wkv7
 
 Each subpackage holds naive.py (the per-step ground truth), chunked.py (fast pure PyTorch, and the T == 1 step)
-and, for v6/v7, the GPU kernels; its `__init__` dispatches on `impl`. The functions are deliberately not
+and the GPU kernels (Triton); its `__init__` dispatches on `impl`. The functions are deliberately not
 re-exported here: a function named like its subpackage would shadow it (`import rwkvkit.ops.wkv7 as m` would
 then give the function).
 """
@@ -56,7 +56,7 @@ def _import_kernel(op: str, module: str, name: str | None):
 
 
 # every kernel the dispatchers look up, as they ask for it (op, module, name): `preload_kernels` resolves them all
-KERNELS = (("wkv4", "triton_seq", None), ("wkv6", "triton_chunk", None), ("wkv7", "triton_chunk", None),
+KERNELS = (("wkv4", "triton_chunk", None), ("wkv6", "triton_chunk", None), ("wkv7", "triton_chunk", None),
            ("cross_entropy", "triton_fused", "ce_grad_triton"))
 
 
