@@ -141,10 +141,10 @@ def ours(op, cfg, cu_seqlens=None):
     return lambda *args: wkv6_triton(*args, config=cfg, cu_seqlens=cu_seqlens)
 
 
-def ours4(impl):
+def ours4(impl, cu_seqlens=None):
     from rwkvkit.ops.wkv4 import wkv4
 
-    return lambda w, u, k, v, s0: wkv4(w, u, k, v, s0, impl=impl)
+    return lambda w, u, k, v, s0: wkv4(w, u, k, v, s0, impl=impl, cu_seqlens=cu_seqlens)
 
 
 def fla_rwkv6(cu_seqlens=None):
@@ -278,7 +278,9 @@ def kernel_breakdown(fn, inputs):
 def functions(args, names, cu_seqlens=None):
     """{name: fn(*inputs, s0)} of ours (each variant) and the peers asked for; with cu_seqlens, packed calls."""
     tag = "" if cu_seqlens is None else " packed"
-    if args.op == "wkv4":  # one Triton kernel (no configs), beside the PyTorch path
+    if args.op == "wkv4" and cu_seqlens is not None:  # (the PyTorch path runs packed sequences one by one)
+        fns = {"ours wkv4 triton packed": ours4("triton", cu_seqlens)}
+    elif args.op == "wkv4":  # one Triton kernel (no configs), beside the PyTorch path
         fns = {"ours wkv4 triton": ours4("triton"), "ours wkv4 chunked (PyTorch)": ours4("chunked")}
     else:
         fns = {f"ours {args.op} {n}{tag}": ours(args.op, VARIANTS[n], cu_seqlens) for n in names}
@@ -318,7 +320,7 @@ def main():
                    help="WKV6: log decays are -exp(0.5 z + mu) (mu = 2: about -7.4 per token, so the default takes "
                         "16-token chunks)")
     p.add_argument("--packed", type=int, default=0, metavar="MEAN",
-                   help="WKV7/WKV6: also time each shape's tokens packed as sequences of mean length MEAN")
+                   help="also time each shape's tokens packed as sequences of mean length MEAN")
     args = p.parse_args()
     names = list(VARIANTS) if args.variants == ["all"] else args.variants or [DEFAULT_VARIANT.get(args.op)]
     quantities = QUANTITIES[args.op]
@@ -326,14 +328,14 @@ def main():
     if args.op == "wkv6":
         make_inputs = functools.partial(rwkv6_inputs, log_decay_min=args.log_decay_min, log_decay_mu=args.log_decay_mu)
     fns = functions(args, names)
-    packed = args.packed and args.op != "wkv4"
+    packed = args.packed
     device = torch.cuda.get_device_name()
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"# {device}, torch {torch.__version__}, triton {triton.__version__}, {now:%Y-%m-%d %H:%M} UTC")
     if args.odd_length:
         B, T, H, N = 1, args.odd_length, 12, 64
         checks = [(None, fns)]
-        if packed:
+        if packed and args.op != "wkv4":  # (the WKV4 packed check is the kernel tests')
             lengths = packed_lengths(T, max(T // 8, 1), seed=7)
             cu = cu_seqlens_of(lengths).cuda()
             print(f"  packed T={T}: {len(lengths)} sequences, lengths {lengths}")
@@ -356,7 +358,7 @@ def main():
             lengths = packed_lengths(B * T, args.packed)
             cu = cu_seqlens_of(lengths).cuda()
             print(f"  {shape_name} packed: {B * T} tokens in {len(lengths)} sequences of 1 to {2 * args.packed}")
-            one_row = [x.reshape(1, B * T, *x.shape[2:]) if x.dim() == 4 else x for x in inputs]
+            one_row = [x.reshape(1, B * T, *x.shape[2:]) if x.dim() >= 3 else x for x in inputs]
             timed += [(name, fn, one_row) for name, fn in functions(args, names, cu).items()]
         for name, fn, inputs in timed:
             err = None if args.no_accuracy or "packed" in name else error_multiples(fn, case, ref, floor)

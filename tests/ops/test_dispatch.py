@@ -60,10 +60,14 @@ def test_walk_blocks_shrink_when_batch_times_heads_is_small():
 
 def test_wkv4_chunk_passes_give_many_programs():
     pytest.importorskip("triton")
-    from rwkvkit.ops.wkv4.triton_chunk import BLOCK, CHUNK, _grids
+    import torch
 
-    n_chunks, chunks, carries = _grids(8, 4096, 768)  # v4 0.1B training batch
-    assert n_chunks == 4096 // CHUNK and chunks == (n_chunks, 8, 768 // BLOCK) and carries == (8, 24)
-    assert chunks[0] * chunks[1] * chunks[2] * BLOCK // 32 >= 16 * carries[0] * carries[1]  # warps: >= 16x a walk
-    n_chunks, chunks, _ = _grids(1, 5, 100)  # shorter than a chunk: one chunk, one partial block
-    assert n_chunks == 1 and chunks == (1, 1, 1)
+    from rwkvkit.ops.wkv4.triton_chunk import BLOCK, CHUNK, _layout
+
+    lay = _layout(torch.empty(8, 4096, 768), None)  # v4 0.1B training batch
+    assert lay.n_chunks == 4096 // CHUNK and lay.chunk_grid == (lay.n_chunks, 8, 768 // BLOCK)
+    assert lay.carry_grid == (8, 24)
+    warps = lay.chunk_grid[0] * lay.chunk_grid[1] * lay.chunk_grid[2] * BLOCK // 32
+    assert warps >= 16 * lay.carry_grid[0] * lay.carry_grid[1]  # >= 16x the warps of a walk over all T
+    lay = _layout(torch.empty(1, 5, 100), None)  # shorter than a chunk: one chunk, one partial block
+    assert lay.n_chunks == 1 and lay.chunk_grid == (1, 1, 1)

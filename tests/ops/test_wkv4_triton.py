@@ -5,14 +5,18 @@ Without a GPU the same kernels run under Triton's CPU interpreter (TRITON_INTERP
 
 from __future__ import annotations
 
+import shutil
 
 import pytest
 import torch
-from triton_interpreter import device_for_kernel_tests, fill_new_buffers_with_nan
+from triton_interpreter import (assert_kernel_matches, count_chunks_on, device_for_kernel_tests,
+                                fill_new_buffers_with_nan)
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv4.triton_chunk")
+ON_GPU = DEVICE == "cuda"
 
-from rwkvkit.ops.testing import rel_rms, run_with_grads, wkv4_inputs  # noqa: E402
+from rwkvkit.ops.testing import PACKED_LENGTHS, rel_rms, run_with_grads, wkv4_inputs  # noqa: E402
+from rwkvkit.ops.varlen import cu_seqlens_of  # noqa: E402
 from rwkvkit.ops.wkv4 import triton_chunk, wkv4  # noqa: E402
 from rwkvkit.ops.wkv4.naive import wkv4_naive  # noqa: E402
 
@@ -65,3 +69,94 @@ def test_state_chains_across_calls_and_dispatch(chunk, monkeypatch):
         y1, s1 = triton_chunk.wkv4_triton(w, u, k[:, :11], v[:, :11])
         y2, s2 = triton_chunk.wkv4_triton(w, u, k[:, 11:], v[:, 11:], s1)
     assert rel_rms(torch.cat([y1, y2], 1), y_all) < 1e-6 and rel_rms(s2, s_all) < 1e-6
+
+
+@pytest.mark.parametrize("chunk, with_state, cu_on", [(8, True, "host"), (64, False, "host"), (8, False, "device"),
+                                                       (4, True, "device")])
+def test_packed_sequences_match_each_sequence_alone(chunk, with_state, cu_on, monkeypatch):
+    """cu_seqlens: sequences of odd lengths (one empty, one of a single token, one exactly a chunk of 16) packed in
+    one row, one launch per pass, against the naive recurrence on each sequence alone: outputs, every final state
+    and all gradients, into NaN-filled buffers; grids counted exactly ("host") or bounded with spare programs."""
+    monkeypatch.setattr(triton_chunk, "CHUNK", chunk)
+    lengths = PACKED_LENGTHS
+    (w, u, k, v), _ = wkv4_inputs(1, sum(lengths), 130, seed=21, k_scale=6.0)
+    g = torch.Generator().manual_seed(22)
+    state = None
+    if with_state:  # each sequence's own, from a few random tokens
+        _, state = wkv4_naive(w, u, 6.0 * torch.randn(len(lengths), 5, 130, generator=g),
+                              torch.randn(len(lengths), 5, 130, generator=g))
+        state = state.to(DEVICE)
+    dy = torch.randn(1, sum(lengths), 130, generator=g).to(DEVICE)
+    ds = torch.randn(len(lengths), 3, 130, generator=g).to(DEVICE)
+    with monkeypatch.context() as m:
+        cu = count_chunks_on(cu_on, cu_seqlens_of(lengths).to(DEVICE), m)
+        got = assert_kernel_matches(lambda *x: wkv4(*x, impl="naive", cu_seqlens=cu),
+                                    lambda *x: triton_chunk.wkv4_triton(*x, cu_seqlens=cu),
+                                    ([x.to(DEVICE) for x in (w, u, k, v)], state, dy, ds), NAMES, m)
+    assert len(got) == (7 if with_state else 6)
+
+
+@pytest.mark.skipif(not ON_GPU and shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on the CPU needs a C compiler")
+@pytest.mark.skipif(not ON_GPU and tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="Inductor's CPU code generator of torch 2.11 asserts on compiled models' graphs")
+def test_model_compiles_without_graph_breaks_and_keeps_gradients(monkeypatch):
+    """The kernel is a registered op, so torch.compile keeps each v4 time-mix in one graph around it (a graph break
+    there left training bound by the host), and the compiled loss and gradients equal eager ones."""
+    import functools
+
+    import torch._dynamo.utils
+
+    import rwkvkit.models.v4 as v4
+    import rwkvkit.ops
+    from rwkvkit.models import RWKVConfig, build_model
+    from rwkvkit.train.loss import lm_loss
+
+    monkeypatch.setattr(v4, "wkv4", functools.partial(wkv4, impl="triton"))
+    torch.manual_seed(0)
+    model = build_model(RWKVConfig("4", 3, 64, 100), init=True).to(DEVICE)
+    idx = torch.randint(0, 100, (2, 21), device=DEVICE)
+
+    def loss_and_grads():  # under bf16 autocast, as training runs
+        model.zero_grad()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = lm_loss(model.hidden(idx)[0], model.head.weight, idx, compute_dtype=torch.bfloat16)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss_eager, grads_eager = loss_and_grads()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(rwkvkit.ops, "_FOUND", {})  # as in a fresh process: compile_blocks must look kernels up
+    model.compile_blocks()
+    loss_compiled, grads_compiled = loss_and_grads()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one time-mix graph, one channel-mix graph
+    assert abs(loss_compiled - loss_eager) < 1e-2
+    for g, g0 in zip(grads_compiled, grads_eager):
+        assert (g - g0).norm() <= 2e-2 * g0.norm() + 1e-6
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_registered_op_matches_and_passes_opcheck(packed, monkeypatch):
+    """The op form torch.compile uses (the eager calls above take the autograd.Function): the same outputs and
+    gradients, initial state included, and torch.library.opcheck's checks of its fake shapes and autograd."""
+    monkeypatch.setattr(triton_chunk, "CHUNK", 4)
+    lengths = (5, 0, 8) if packed else (13,)
+    (w, u, k, v), state = wkv4_inputs(len(lengths), 13, 40, seed=23)
+    state = state.to(DEVICE)
+    if packed:
+        k, v = k[:1, : sum(lengths)], v[:1, : sum(lengths)]
+    cu = cu_seqlens_of(lengths).to(DEVICE) if packed else None
+    inputs = [x.to(DEVICE) for x in (w, u, k, v)]
+    g = torch.Generator().manual_seed(24)
+    dy, ds = torch.randn(k.shape, generator=g).to(DEVICE), torch.randn(state.shape, generator=g).to(DEVICE)
+
+    def op(w, u, k, v, s0):
+        y, s_final, _ = triton_chunk._wkv4_fwd_op(w, u, k, v, s0, cu)
+        return y, s_final
+
+    assert_kernel_matches(lambda *x: triton_chunk.wkv4_triton(*x, cu_seqlens=cu), op, (inputs, state, dy, ds),
+                          NAMES, monkeypatch, tol=1e-6)
+    torch.library.opcheck(triton_chunk._wkv4_fwd_op, (*inputs, state, cu),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -29,21 +29,22 @@ def wkv4(
     impl: "auto" (a single-step path for T == 1, the chunk-parallel Triton scan of triton_chunk.py on CUDA from
     T = KERNEL_MIN_T (128) on, else chunked), "naive", "chunked" or "triton".
     cu_seqlens: [N + 1] starts of N sequences packed into one row [1, T_total, C], each with its own initial and
-    final state ([N, 3, C]; `rwkvkit.ops.varlen`). Every implementation runs them one sequence at a time.
+    final state ([N, 3, C]; `rwkvkit.ops.varlen`). The Triton kernel runs them in one launch per pass, the others
+    one sequence at a time.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv4 impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, k, initial_state)
-        return per_sequence(lambda k, v, s0: wkv4(w, u, k, v, s0, impl), cu_seqlens, (k, v), initial_state)
     if impl == "auto":
         kernel = triton_kernel("wkv4") if wants_kernel(k) else None
         if kernel is not None:
-            return kernel(w, u, k, v, initial_state)
+            return kernel(w, u, k, v, initial_state, cu_seqlens=cu_seqlens)
+    if impl == "triton":
+        return require_triton_kernel("wkv4")(w, u, k, v, initial_state, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, k, initial_state)
+        return per_sequence(lambda k, v, s0: wkv4(w, u, k, v, s0, impl), cu_seqlens, (k, v), initial_state)
     if impl == "naive":
         return wkv4_naive(w, u, k, v, initial_state)
-    if impl == "triton":
-        return require_triton_kernel("wkv4")(w, u, k, v, initial_state)
     return wkv4_chunked(w, u, k, v, initial_state)  # which itself takes the single-step path when T == 1
 
 
