@@ -71,18 +71,15 @@ def test_state_chains_across_calls_and_dispatch(chunk, monkeypatch):
 @pytest.mark.parametrize("chunk, with_state, cu_on", [(8, True, "host"), (64, False, "host"), (8, False, "device"),
                                                        (4, True, "device")])
 def test_packed_sequences_match_each_sequence_alone(chunk, with_state, cu_on, monkeypatch):
-    """cu_seqlens: sequences of odd lengths (one empty, one of a single token, one exactly a chunk of 16) packed in
-    one row, one launch per pass, against the naive recurrence on each sequence alone: outputs, every final state
-    and all gradients, into NaN-filled buffers; grids counted exactly ("host") or bounded with spare programs."""
+    """cu_seqlens: sequences of odd lengths (one empty, one of a single token, one of 16: a whole number of chunks)
+    packed in one row, one launch per pass, against the naive recurrence on each sequence alone: outputs, every final
+    state and all gradients, into NaN-filled buffers; grids counted exactly ("host") or bounded with spare programs."""
     monkeypatch.setattr(triton_chunk, "CHUNK", chunk)
     lengths = PACKED_LENGTHS
-    (w, u, k, v), _ = wkv4_inputs(1, sum(lengths), 130, seed=21, k_scale=6.0)
+    (w, u, k, v), state = wkv4_inputs(len(lengths), sum(lengths), 130, seed=21, k_scale=6.0)
+    k, v = k[:1], v[:1]  # one row of all the sequences' tokens; a state per sequence
+    state = state.to(DEVICE) if with_state else None
     g = torch.Generator().manual_seed(22)
-    state = None
-    if with_state:  # each sequence's own, from a few random tokens
-        _, state = wkv4_naive(w, u, 6.0 * torch.randn(len(lengths), 5, 130, generator=g),
-                              torch.randn(len(lengths), 5, 130, generator=g))
-        state = state.to(DEVICE)
     dy = torch.randn(1, sum(lengths), 130, generator=g).to(DEVICE)
     ds = torch.randn(len(lengths), 3, 130, generator=g).to(DEVICE)
     with monkeypatch.context() as m:

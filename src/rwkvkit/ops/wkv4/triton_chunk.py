@@ -295,8 +295,9 @@ def _bwd_carry(w_ptr, s0_ptr, states_ptr, locals_ptr, ds_final_ptr, carries_ptr,
     for _ in range(count):
         _store_state(carries_ptr + at * 3 * C, cols, C, live, ga, gb, gp)
         local = locals_ptr + at * 4 * C + cols
-        ga = tl.load(local, mask=live, other=0.0) + tl.load(local + 2 * C, mask=live, other=0.0) * ga
-        gb = tl.load(local + C, mask=live, other=0.0) + tl.load(local + 2 * C, mask=live, other=0.0) * gb
+        decays = tl.load(local + 2 * C, mask=live, other=0.0)
+        ga = tl.load(local, mask=live, other=0.0) + decays * ga
+        gb = tl.load(local + C, mask=live, other=0.0) + decays * gb
         gp = tl.where(tl.load(local + 3 * C, mask=live, other=0.0) > 0.0, gp, 0.0)
         at -= 1
     if HAS_S0:  # a_0 = aa_0 e^{pp_0}
@@ -378,8 +379,7 @@ def _backward(w, u, k, v, s0, starts, dy, ds_final, cu_seqlens):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # per-chunk sums; zeros where a packed grid's spare programs write nothing
     rows = starts.shape[0]
-    dw = (torch.zeros if lay.packed is not None else torch.empty)(rows, C, **f32)
-    du = torch.zeros_like(dw) if lay.packed is not None else torch.empty_like(dw)
+    dw, du = ((torch.zeros if lay.packed is not None else torch.empty)(rows, C, **f32) for _ in range(2))
     locals_ = torch.empty(rows, 4, C, **f32)
     carried = torch.empty(rows, 3, C, **f32)
     ds0 = torch.empty(lay.n_seqs, 3, C, **f32) if s0 is not None else None
