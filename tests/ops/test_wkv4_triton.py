@@ -129,3 +129,16 @@ def test_registered_op_matches_and_passes_opcheck(packed, monkeypatch):
                           NAMES, monkeypatch, tol=1e-6)
     torch.library.opcheck(triton_chunk._wkv4_fwd_op, (*inputs, state, cu),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+def test_bad_cu_seqlens_are_named(impl):
+    """WKV4 checks cu_seqlens with the check WKV6/WKV7 use (tests/ops/test_wkv_cpu.py tries its every case there),
+    on the kernel path before any launch and on the per-sequence PyTorch path."""
+    from rwkvkit.errors import ConfigError
+
+    (w, u, k, v), state = to_device(*wkv4_inputs(1, 10, 40, seed=25))
+    with pytest.raises(ConfigError, match="T_total = 10"):
+        wkv4(w, u, k, v, impl=impl, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ConfigError, match="one state per sequence"):
+        wkv4(w, u, k, v, state, impl=impl, cu_seqlens=torch.tensor([0, 4, 10]))
