@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = build_model(mc, init=True).to(dev)
     if t.compile:
-        model.compile_blocks(t.compile_mode)
+        model.compile_blocks(t.compile_mode, memory_budget=t.compile_memory_budget)
     if t.grad_cp:
         checkpoint_blocks(model)
     precision = t.precision if t.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")

@@ -222,3 +222,11 @@ def test_a_token_id_outside_the_vocab_stops_with_a_data_error(corpus, tmp_path):
                       parallel.DistInfo(), model_config=mc.to_dict())
     with pytest.raises(DataError, match=r"micro-step 0: the data holds token id \d+ but the model's vocab_size is 16"):
         trainer.fit()
+
+
+def test_a_memory_budget_without_compiled_blocks_is_named(corpus, tmp_path):
+    """The budget acts on torch.compile's partition of the blocks: without compile it would do nothing."""
+    from rwkvkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compile_memory_budget.*--train.compile true"):
+        run(tiny_config(corpus, tmp_path, compile_memory_budget=0.5))

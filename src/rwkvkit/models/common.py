@@ -432,7 +432,7 @@ class RWKVModel(nn.Module):
         x, state, single = self._run(idx, state, cu_seqlens)
         return (x[0] if single else x), state
 
-    def compile_blocks(self, mode: str = "default", **options) -> None:
+    def compile_blocks(self, mode: str = "default", memory_budget: float | None = None, **options) -> None:
         """torch.compile each block for training, the WKV kernel an opaque op inside: ln1 + time-mix + residual +
         ln2 as one graph, the channel-mix + residual as another. Every layer runs the same code with its own weights
         as graph inputs, so a model compiles three graphs (RWKV-7's layer 0 time-mix is the third).
@@ -440,6 +440,11 @@ class RWKVModel(nn.Module):
         ln2 goes with the time-mix, not with the channel-mix: on torch 2.11 + CUDA, Inductor's backward of a graph
         holding ln2 and the channel-mix returned the channel-mix's [1, 1, C] mix gradient as [C] (from 8k tokens per
         micro-batch on the H100), and autograd rejected it.
+
+        memory_budget (0 to 1): activation checkpointing inside the graphs. The share of the activations that
+        the compiler's default partition would save for the backward which it may keep; it recomputes the cheapest
+        of the rest in the backward (torch's memory-budget partitioner, `torch._functorch.config.
+        activation_memory_budget`, set only while these graphs compile and run). None or 1: the default partition.
         """
         from rwkvkit.ops import preload_kernels
 
@@ -448,8 +453,10 @@ class RWKVModel(nn.Module):
             options["mode"] = mode
         for block in self.blocks:
             # an instance attribute shadows the method that Block.forward calls
-            block.time_mix_residual = torch.compile(block.time_mix_residual, **options)
-            block.channel_mix_residual = torch.compile(block.channel_mix_residual, **options)
+            block.time_mix_residual = _with_memory_budget(torch.compile(block.time_mix_residual, **options),
+                                                          memory_budget)
+            block.channel_mix_residual = _with_memory_budget(torch.compile(block.channel_mix_residual, **options),
+                                                             memory_budget)
 
     def zero_state(self, batch_size: int = 1) -> State:
         return State.zeros(self.config, batch_size, device=self.emb.weight.device, dtype=self.emb.weight.dtype)
@@ -492,6 +499,21 @@ class RWKVModel(nn.Module):
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+
+def _with_memory_budget(compiled, budget: float | None):
+    """The compiled function, compiled and run with torch's activation memory budget set to budget (compile_blocks)."""
+    if budget is not None and not 0.0 <= budget <= 1.0:
+        raise ConfigError(f"the activation memory budget is a share between 0 and 1, got {budget}")
+    if budget is None or budget == 1.0:
+        return compiled
+    from torch._functorch import config as functorch_config
+
+    def run(*args):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compiled(*args)
+
+    return run
 
 
 def channel_ramp(config: RWKVConfig, layer_id: int, n: int | None = None):

@@ -82,6 +82,10 @@ class TrainArgs:
     compile_mode: Literal["default", "reduce-overhead"] = "default"
     """With compile: reduce-overhead also records the compiled parts as CUDA graphs, for short steps whose time
     goes to launching kernels (H100, 0.1B at ctx 512: +34% tokens/s; no gain at ctx 4096). More GPU memory."""
+    compile_memory_budget: float = 1.0
+    """With compile: activation checkpointing inside the compiled blocks. The share (0 to 1) of the activations
+    they would save for the backward that they may keep; the cheapest rest is recomputed (torch's memory-budget
+    partitioner). 1 = none recomputed; --train.grad_cp recomputes whole blocks instead (docs/pretrain.md)."""
 
 
 @dataclass

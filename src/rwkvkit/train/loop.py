@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rwkvkit.errors import DataError, RwkvkitError
+from rwkvkit.errors import ConfigError, DataError, RwkvkitError
 from rwkvkit.train import checkpoint as ckpt
 from rwkvkit.train import parallel
 from rwkvkit.train.config import PretrainConfig
@@ -164,7 +164,9 @@ class Trainer:
         model.train()
         parallel.freeze_unused(model)
         if t.compile:
-            model.compile_blocks(t.compile_mode)
+            model.compile_blocks(t.compile_mode, memory_budget=t.compile_memory_budget)
+        elif t.compile_memory_budget != 1.0:
+            raise ConfigError("--train.compile_memory_budget applies to compiled blocks: add --train.compile true")
         if t.grad_cp:
             parallel.checkpoint_blocks(model)
         parallel.add_dropout(model, t.dropout)
