@@ -315,3 +315,11 @@ def test_chunk_maps_counted_or_bounded_agree(monkeypatch):
     bound = varlen.chunk_map(cu, 79, 16, torch.device("cpu"))
     assert bound.n_chunks == varlen.chunk_bound(79, 6, 16) == 10
     assert torch.equal(bound.chunk_table[:8], exact.chunk_table) and bound.chunk_table[8:, 0].tolist() == [-1, -1]
+
+
+def test_cu_seqlens_values_are_not_read_while_torch_compile_traces():
+    """Reading them would break the graph at every WKV call of a compiled block (the models check them first)."""
+    from rwkvkit.ops.varlen import check_cu_seqlens
+
+    fn = torch.compile(lambda cu, x: x.sum() + check_cu_seqlens(cu, x, None), fullgraph=True, backend="eager")
+    assert fn(torch.tensor([0, 2, 5], dtype=torch.int32), torch.ones(1, 5, 2, 4)).item() == 40 + 2

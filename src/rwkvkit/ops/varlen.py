@@ -21,7 +21,9 @@ def cu_seqlens_of(lengths) -> torch.Tensor:
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, initial_state: torch.Tensor | None) -> int:
     """The number of sequences, after checking cu_seqlens against the packed input x [1, T_total, H, N] and the
-    optional initial state [N, H, ...]. Values are checked only for CPU tensors: on the GPU a check waits for it."""
+    optional initial state [N, H, ...]. Values are checked only for CPU tensors (on the GPU a check waits for it)
+    and not while torch.compile traces (reading them would split the graph there; the models check them before
+    their compiled blocks)."""
     from rwkvkit.errors import ConfigError
 
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
@@ -32,7 +34,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, initial_state: t
     n = cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape[0] != n:
         raise ConfigError(f"initial_state needs one state per sequence ({n}), got {tuple(initial_state.shape)}")
-    if not cu_seqlens.is_cuda:
+    if not cu_seqlens.is_cuda and not torch.compiler.is_compiling():
         first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
         if first != 0 or last != x.shape[1] or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ConfigError(f"cu_seqlens must run from 0 to T_total = {x.shape[1]} without decreasing, "
