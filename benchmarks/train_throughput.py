@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="also write the result to this file")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile one step and print the N most expensive kernels")
+    ap.add_argument("--doc-len", type=int, default=0, metavar="MEAN",
+                    help="end tokens (0) at random places: documents of about MEAN tokens, cut anew every step (with "
+                         "--data.separate_documents true they run as packed sequences)")
     ap.add_argument("-h", "--help", action="store_true")
     args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.help:
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("\nplus every `rwkvkit pretrain` option (rwkvkit pretrain --help)")
         return {}
 
+    from rwkvkit.data.dataset import Batch
     from rwkvkit.models import RWKVConfig, build_model
     from rwkvkit.train.loop import LMObjective, matmul_flops_per_token, peak_flops
     from rwkvkit.train.optim import build_optimizer, set_lr
@@ -60,11 +64,22 @@ def main(argv: list[str] | None = None) -> dict:
     params = [p for g in opt.param_groups for p in g["params"]]
     B, T = t.micro_bsz, cfg.data.ctx_len
     gen = torch.Generator().manual_seed(0)
-    data = torch.randint(0, m.vocab_size, (B, T + 1), generator=gen).to(dev)
+    batches = []  # (tokens on the device, cu_seqlens on the host or None); one batch, or one per step with --doc-len
+    for _ in range(args.warmup + args.steps + 1 if args.doc_len else 1):
+        x = torch.randint(1 if args.doc_len else 0, m.vocab_size, (B, T + 1), generator=gen)
+        if args.doc_len:
+            x[torch.rand(x.shape, generator=gen) < 1 / args.doc_len] = 0
+        cu = None
+        if cfg.data.separate_documents:
+            cu = torch.from_numpy(Batch(x[:, :-1].numpy(), x[:, 1:].numpy()).document_cu_seqlens())
+        batches.append((x.to(dev), cu))
+    calls = [0]
 
     def step():
+        data, cu = batches[calls[0] % len(batches)]
+        calls[0] += 1
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = objective(data[:, :-1], data[:, 1:])
+            loss = objective(data[:, :-1], data[:, 1:], cu_seqlens=cu)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -90,11 +105,16 @@ def main(argv: list[str] | None = None) -> dict:
         "model": f"RWKV-{m.version} L{m.n_layer} D{m.n_embd} V{m.vocab_size}",
         "params": sum(p.numel() for p in model.parameters()),
         "ctx_len": T, "micro_bsz": B, "precision": precision, "grad_cp": t.grad_cp, "compile": t.compile,
+        "doc_len": args.doc_len, "separate_documents": cfg.data.separate_documents,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads, "
                                                                              f"{platform.processor() or platform.machine()})",
         "torch": torch.__version__, "tokens_per_s": round(tps, 1), "step_time_s": round(dt / args.steps, 4),
         "final_loss": round(loss.item(), 4),
     }
+    if t.compile:  # (packed sequences: their count changes the graphs' shapes from step to step)
+        from torch._dynamo.utils import counters
+
+        result["compiled_graphs"] = counters["stats"]["unique_graphs"]
     if dev.type == "cuda":
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
         peak = peak_flops(dev)

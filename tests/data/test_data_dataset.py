@@ -120,3 +120,12 @@ def test_batch_to_torch(stream):
     torch = pytest.importorskip("torch")
     x, y, m = TokenWindows(stream, ctx_len=8).batch(0).to_torch()
     assert x.dtype == torch.int64 and x.shape == (1, 8) and m is None
+
+
+def test_document_cu_seqlens_start_a_sequence_at_each_row_and_after_each_end_token():
+    from rwkvkit.data.dataset import Batch
+
+    ids = np.array([[5, 0, 7, 8], [0, 3, 0, 0]])  # a row's last token starts nothing inside the batch
+    cu = Batch(ids, ids).document_cu_seqlens()
+    assert cu.dtype == np.int32 and cu.tolist() == [0, 2, 4, 5, 7, 8]
+    assert Batch(np.ones((2, 3), np.int64), np.ones((2, 3), np.int64)).document_cu_seqlens().tolist() == [0, 3, 6]

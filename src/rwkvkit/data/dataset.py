@@ -38,6 +38,15 @@ class Batch:
             return self.targets
         return np.where(self.loss_mask > 0, self.targets, IGNORE_INDEX)
 
+    def document_cu_seqlens(self) -> np.ndarray:
+        """The rows cut into their documents, as `cu_seqlens` (int32 [N + 1]) of the B x T input tokens read as one
+        row: a new sequence starts at each row's start and after each end token 0 (the end token itself ends its
+        document). For `model(idx.view(1, -1), cu_seqlens=...)`: no state or token shift crosses a document start."""
+        B, T = self.input_ids.shape
+        rows, cols = np.nonzero(self.input_ids[:, :-1] == 0)
+        starts = np.concatenate((np.arange(B) * T, rows * T + cols + 1))
+        return np.append(np.sort(starts), B * T).astype(np.int32)
+
     def to_torch(self, device=None):
         """(input_ids, targets, loss_mask or None) as torch tensors."""
         import torch

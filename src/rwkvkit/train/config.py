@@ -36,6 +36,9 @@ class DataArgs:
     ctx_len: int = 512
     magic_prime: Optional[int] = None
     """RWKV-LM's sampler prime; None = computed from the data size and ctx_len."""
+    separate_documents: bool = False
+    """Start every document from a zero state: a window's documents (each ended by token 0) run as packed
+    sequences (`cu_seqlens`), so no WKV state or token shift carries across an end token. RWKV-LM carries them."""
 
 
 @dataclass

@@ -55,8 +55,14 @@ class LMObjective(nn.Module):
         self.head_chunk = head_chunk
         self.compute_dtype = compute_dtype
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden, _ = self.model.hidden(idx)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """cu_seqlens: the B x T tokens read as one row of packed sequences (`Batch.document_cu_seqlens`)."""
+        if cu_seqlens is not None:
+            hidden, _ = self.model.hidden(idx.reshape(1, -1), cu_seqlens=cu_seqlens)
+            hidden = hidden.view(*idx.shape, -1)
+        else:
+            hidden, _ = self.model.hidden(idx)
         return lm_loss(hidden, self.model.head.weight, targets, mask, chunk=self.head_chunk,
                        compute_dtype=self.compute_dtype)
 
@@ -274,6 +280,8 @@ class Trainer:
             raise DataError(f"micro-step {micro_step}: the data holds token id {top} but the model's vocab_size "
                             f"is {self.model.config.vocab_size}")
         idx, targets, mask = batch.to_torch(self.info.device)
+        # from the host: the kernels then get exact grids (docs/gpu.md, packed sequences)
+        cu = torch.from_numpy(batch.document_cu_seqlens()) if self.cfg.data.separate_documents else None
         sync = contextlib.nullcontext()
         if not last and isinstance(self.objective, nn.parallel.DistributedDataParallel):
             sync = self.objective.no_sync()  # all-reduce gradients once per optimizer step
@@ -281,7 +289,7 @@ class Trainer:
             self.objective.set_requires_gradient_sync(last)
         with sync:
             with self.autocast:
-                loss = self.objective(idx, targets, mask)
+                loss = self.objective(idx, targets, mask, cu_seqlens=cu)
             (loss / self.cfg.train.accumulate).backward()
         return loss.detach().float()
 
