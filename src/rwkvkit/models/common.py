@@ -253,6 +253,11 @@ class Packing(NamedTuple):
         return cls(cu_seqlens, shift_from, last_from)
 
 
+def packed_cu_seqlens(packing: Packing | None) -> torch.Tensor | None:
+    """The cu_seqlens a time-mix hands its WKV op: packing's, or None for ordinary [B, T] rows."""
+    return None if packing is None else packing.cu_seqlens
+
+
 def token_shift(x: torch.Tensor, x_prev: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
     """x [B, T, C] shifted one step later in time; position 0 gets x_prev [B, C] (the state). Packed ([1, T, C],
     x_prev [N, C]): each sequence's first token gets its own x_prev row."""
@@ -509,9 +514,9 @@ def _with_memory_budget(compiled, budget: float | None):
         return compiled
     from torch._functorch import config as functorch_config
 
-    def run(*args):
+    def run(*args, **kwargs):
         with functorch_config.patch(activation_memory_budget=budget):
-            return compiled(*args)
+            return compiled(*args, **kwargs)
 
     return run
 

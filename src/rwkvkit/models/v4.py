@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from rwkvkit.models.common import RWKVConfig, RWKVModel, channel_ramp, token_shift, zigzag
+from rwkvkit.models.common import RWKVConfig, RWKVModel, channel_ramp, packed_cu_seqlens, token_shift, zigzag
 from rwkvkit.ops.wkv4 import wkv4
 
 
@@ -39,9 +39,8 @@ class TimeMix(nn.Module):
         v = self.value(lerp_mix(x, xs, self.time_mix_v))
         r = torch.sigmoid(self.receptance(lerp_mix(x, xs, self.time_mix_r)))
         # decay and bonus in fp32: -exp(time_decay) is close to 0 for slow channels
-        cu_seqlens = None if packing is None else packing.cu_seqlens
         y, state = wkv4(-torch.exp(self.time_decay.float()), self.time_first.float(), k, v, initial_state=state,
-                        cu_seqlens=cu_seqlens)
+                        cu_seqlens=packed_cu_seqlens(packing))
         return self.output(r * y), state, v_first
 
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkvkit.models.common import RWKVConfig, RWKVModel, channel_ramp, group_norm, token_shift, zigzag
+from rwkvkit.models.common import (RWKVConfig, RWKVModel, channel_ramp, group_norm, packed_cu_seqlens, token_shift,
+                                   zigzag)
 from rwkvkit.models.v4 import ChannelMix, lerp_mix
 from rwkvkit.ops.wkv6 import wkv6
 
@@ -45,8 +46,8 @@ class TimeMix(nn.Module):
         v = self.value(lerp_mix(x, xs, self.time_mix_v)).view(B, T, H, N)
         g = F.silu(self.gate(lerp_mix(x, xs, self.time_mix_g)))
         log_decay = -torch.exp(self.time_decay.float()).expand(B, T, H, N)  # fp32: decays can be within 1e-5 of 1
-        cu_seqlens = None if packing is None else packing.cu_seqlens
-        y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state, cu_seqlens=cu_seqlens)
+        y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state,
+                        cu_seqlens=packed_cu_seqlens(packing))
         y = group_norm(y.reshape(B, T, H * N) / HEAD_SIZE_DIVISOR, self.ln_x)
         return self.output(y * g), state, v_first
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkvkit.models.common import RWKVConfig, RWKVModel, channel_ramp, group_norm, token_shift, zigzag
+from rwkvkit.models.common import (RWKVConfig, RWKVModel, channel_ramp, group_norm, packed_cu_seqlens, token_shift,
+                                   zigzag)
 from rwkvkit.ops.wkv6 import wkv6
 
 # = 1e-5 * head_size_divisor**2 with the official divisor 8 (x052 divides by 8 instead, same result).
@@ -60,8 +61,8 @@ class TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
         log_decay = -torch.exp(w.float()).view(B, T, H, N)  # fp32: decays can be within 1e-5 of 1
-        cu_seqlens = None if packing is None else packing.cu_seqlens
-        y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state, cu_seqlens=cu_seqlens)
+        y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state,
+                        cu_seqlens=packed_cu_seqlens(packing))
         y = group_norm(y.reshape(B, T, H * N), self.ln_x)
         return self.output(y * g), state, v_first
 

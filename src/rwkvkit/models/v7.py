@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkvkit.models.common import RWKVConfig, RWKVModel, channel_ramp, group_norm, in_autocast_dtype, token_shift
+from rwkvkit.models.common import (RWKVConfig, RWKVModel, channel_ramp, group_norm, in_autocast_dtype,
+                                   packed_cu_seqlens, token_shift)
 from rwkvkit.ops.wkv7 import wkv7
 
 # decay = exp(-e^{-0.5} * sigmoid(w_raw)) lies in (0.545, 1): the log-decay handed to the op is -e^{-0.5}*sigmoid.
@@ -83,9 +84,8 @@ class TimeMix(nn.Module):
         r, k, v, a = (t.view(B, T, H, N) for t in (r, k, v, a))
         # the WKV kernels read their inputs several times; the official trainer's kernels take them in bf16 too
         k, v, a, b, log_decay = (in_autocast_dtype(t) for t in (k, v, -kk, kk * a, log_decay.view(B, T, H, N)))
-        cu_seqlens = None if packing is None else packing.cu_seqlens
         y, state = wkv7(r, log_decay, k, v, a, b, initial_state=state, log_decay_min=-_LOG_DECAY_SCALE,
-                        cu_seqlens=cu_seqlens)
+                        cu_seqlens=packed_cu_seqlens(packing))
 
         y = group_norm(y.reshape(B, T, C), self.ln_x)
         # r_k bonus: the current token's own value, weighted per head by <r, k * r_k>
