@@ -299,3 +299,13 @@ def test_packed_sequences_input_forms_and_errors(make_checkpoint):
         model(idx, cu_seqlens=cu_seqlens_of((3, 5)))
     with pytest.raises(ConfigError, match="batch size 1 but the input has 2"):
         model(idx, model.zero_state(1), cu_seqlens=cu)
+
+
+def test_run_unchecked_refuses_a_layer_step_with_packed_sequences(model):
+    """run_block (the decoder's compiled layer steps) takes ordinary rows: packed input must not skip it silently."""
+    from rwkvkit.models.common import Packing
+
+    cu = cu_seqlens_of(PACKED_LENGTHS)
+    idx = _tokens(1, sum(PACKED_LENGTHS), seed=5)
+    with pytest.raises(ValueError, match="run_block or packing, not both"):
+        model.run_unchecked(idx, run_block=lambda i, *args: None, packing=Packing.build(cu, idx.shape[1], idx.device))

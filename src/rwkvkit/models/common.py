@@ -405,8 +405,11 @@ class RWKVModel(nn.Module):
         and state None or a State of this model and batch. Nothing in it waits for the device, so it can be
         captured in a CUDA graph (`rwkvkit.runtime.decode`). `run_block(i, x, att_x, wkv, ffn_x, v_first)`, if
         given, runs layer i in place of `self.blocks[i](...)` (the decoder passes compiled layer steps). packing:
-        idx is one row of packed sequences and the state has one row per sequence (`Packing.build`).
-        Returns (ln_out output [B, T, C], new State)."""
+        idx is one row of packed sequences and the state has one row per sequence (`Packing.build`); not with
+        run_block, whose layer steps take ordinary rows. Returns (ln_out output [B, T, C], new State)."""
+        if run_block is not None and packing is not None:
+            raise ValueError("run_unchecked takes run_block or packing, not both: run_block's layer steps take "
+                             "ordinary [B, T] rows")
         x = self.emb(idx)
         if state is None:
             batch = idx.shape[0] if packing is None else packing.last_from.shape[0]
