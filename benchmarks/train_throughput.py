@@ -12,6 +12,7 @@ The WKV op is whatever `rwkvkit.ops` dispatches to on that device (plain PyTorch
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import resource
@@ -73,11 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.data.separate_documents:
             cu = torch.from_numpy(Batch(x[:, :-1].numpy(), x[:, 1:].numpy()).document_cu_seqlens())
         batches.append((x.to(dev), cu))
-    calls = [0]
+    next_batch = itertools.cycle(batches).__next__
 
     def step():
-        data, cu = batches[calls[0] % len(batches)]
-        calls[0] += 1
+        data, cu = next_batch()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = objective(data[:, :-1], data[:, 1:], cu_seqlens=cu)
         loss.backward()
