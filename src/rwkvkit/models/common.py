@@ -232,25 +232,24 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
 
 
 class Packing(NamedTuple):
-    """Sequences packed in one row [1, T_total] (`cu_seqlens` [N + 1], as the WKV ops take it), and where the token
-    shift reads from: rows of cat(x_prev [N, C], x[0] [T_total, C]). A sequence's first token reads its own x_prev
-    row, every other token the token before it; the state a sequence leaves is its last token, or its x_prev if it
-    is empty. Index tensors made on the device without waiting for it."""
+    """Sequences packed in one row [1, T_total] (`cu_seqlens` [N + 1], as the WKV ops take it), and what the token
+    shift needs: a sequence's first token reads its own x_prev row, every other token the token before it; the
+    state a sequence leaves is its last token, or its x_prev if it is empty. Index tensors made on the device
+    without waiting for it."""
 
     cu_seqlens: torch.Tensor
-    shift_from: torch.Tensor  # [T_total]
-    last_from: torch.Tensor  # [N]
+    first_at: torch.Tensor  # [N]: sequence i's first token, or T_total (a spare row) if it is empty
+    last_from: torch.Tensor  # [N]: sequence i's state row in cat(x_prev [N, C], x[0] [T_total, C])
 
     @classmethod
     def build(cls, cu_seqlens: torch.Tensor, total: int, device: torch.device) -> Packing:
         """total = T_total, known from the tokens (reading it from device cu_seqlens would wait for the GPU)."""
         cu = cu_seqlens.to(device=device, dtype=torch.long, non_blocking=True)
         n = cu.numel() - 1
-        t = torch.arange(total, device=device)
-        seq = torch.searchsorted(cu[1:], t, right=True)  # the sequence token t belongs to
-        shift_from = torch.where(t == cu[seq], seq, n + t - 1)
-        last_from = torch.where(cu[1:] > cu[:-1], n + cu[1:] - 1, torch.arange(n, device=device))
-        return cls(cu_seqlens, shift_from, last_from)
+        nonempty = cu[1:] > cu[:-1]
+        first_at = torch.where(nonempty, cu[:-1], total)
+        last_from = torch.where(nonempty, n + cu[1:] - 1, torch.arange(n, device=device))
+        return cls(cu_seqlens, first_at, last_from)
 
 
 def packed_cu_seqlens(packing: Packing | None) -> torch.Tensor | None:
@@ -262,7 +261,11 @@ def token_shift(x: torch.Tensor, x_prev: torch.Tensor, packing: Packing | None =
     """x [B, T, C] shifted one step later in time; position 0 gets x_prev [B, C] (the state). Packed ([1, T, C],
     x_prev [N, C]): each sequence's first token gets its own x_prev row."""
     if packing is not None:
-        return torch.cat((x_prev, x[0])).index_select(0, packing.shift_from).unsqueeze(0)
+        # the plain shift with each sequence's x_prev copied over its first token (empty sequences' onto a spare
+        # last row): a gather of every token from cat(x_prev, x) cost a [T_total, C] scatter-add in the backward,
+        # 5.5 ms of a 0.1B training step (H100)
+        shifted = torch.cat((x.new_zeros(1, x.shape[2]), x[0]))
+        return shifted.index_copy(0, packing.first_at, x_prev.to(x.dtype))[:-1].unsqueeze(0)
     if x.shape[1] == 1:
         return x_prev.unsqueeze(1)
     return torch.cat((x_prev.unsqueeze(1), x[:, :-1]), dim=1)
