@@ -30,7 +30,7 @@ import triton
 from rwkvkit.ops.testing import V7_MIN_LOG_DECAY
 from rwkvkit.ops.varlen import cu_seqlens_of, per_sequence
 from rwkvkit.ops.wkv6.triton_chunk import wkv6_triton
-from rwkvkit.ops.wkv7.triton_chunk import KernelConfig, wkv7_triton
+from rwkvkit.ops.wkv7.triton_chunk import DEFAULT_CONFIG, KernelConfig, wkv7_triton
 
 SHAPES = {"0.1B": (8, 4096, 12, 64), "1.5B": (4, 4096, 32, 64)}
 QUANTITIES = {
@@ -47,6 +47,8 @@ def _config(chunk=16, state="tf32r", chunk_dots="tf32r", solve="tf32r", block_v=
 
 VARIANTS = {  # H100 history in docs/gpu.md: ieee 6x slower, raw tf32 1.78x the floor, chunk 32 spills
     "default": None,
+    "default-tf32r": DEFAULT_CONFIG._replace(precision_state="tf32r", precision_chunk="tf32r",
+                                             precision_solve="tf32r"),  # WKV7's default without fp16 operands
     "c32g16-tf32r-v32": _config(chunk=32, grad_chunk=16),  # WKV7's default
     "c32g32-tf32r-v32-g8": _config(chunk=32, grad_chunk=32, warps_grad=8),
     "c32g32-tf32r-v32": _config(chunk=32, grad_chunk=32),

@@ -207,6 +207,62 @@ def test_half_inputs_hand_the_walks_fp16_operands_that_change_nothing(monkeypatc
             assert rel_rms(h, w) < 1.05 * rel_rms(f, w), (name, rel_rms(h, w), rel_rms(f, w))
 
 
+def test_fp16_operands_only_where_their_range_holds():
+    """The default config's fp16 operands need 16-bit inputs and a known decay bound under which every in-chunk
+    factor stays within 2^8 (RWKV-7's -e^{-0.5} per token); otherwise its products round to tf32."""
+    fit = triton_chunk.fp16_operands_fit
+    cfg = triton_chunk.DEFAULT_CONFIG
+    assert cfg.uses_fp16() and cfg.precisions(False) == ("tf32r",) * 3
+    assert fit(cfg, torch.bfloat16, -0.6065) and fit(cfg, torch.float16, -0.3)
+    assert not fit(cfg, torch.float32, -0.6065)
+    assert not fit(cfg, torch.bfloat16, -1.0) and not fit(cfg, torch.bfloat16, None)
+    assert not fit(cfg._replace(grad_chunk=32), torch.bfloat16, -0.6065)  # middle-token factors of 32 tokens
+
+
+def test_fp16_operands_as_accurate_as_tf32_ones(monkeypatch):
+    """bf16 inputs: fp16 operands (the same 10-bit mantissa as tf32r) give every output and gradient as close to
+    the float64 loop as tf32-rounded ones (within 5%, or 2% of the bf16 floor), into NaN-filled buffers."""
+    from rwkvkit.ops.testing import rel_rms
+
+    inputs, state, dy, ds, want = bf16_case(seed=16)
+    fill_new_buffers_with_nan(monkeypatch)
+    fp16, tf32 = (run_config(c, inputs, state, dy, ds) for c in
+                  (triton_chunk.DEFAULT_CONFIG, triton_chunk.DEFAULT_CONFIG._replace(
+                      precision_state="tf32r", precision_chunk="tf32r", precision_solve="tf32r")))
+    for name, h, f, w in zip(NAMES, fp16, tf32, want):
+        floor = rel_rms(w.bfloat16(), w)
+        assert torch.isfinite(h).all() and rel_rms(h, w) < 1.05 * rel_rms(f, w) + 0.02 * floor, name
+
+
+def test_fp16_operands_keep_tiny_gradients():
+    """The backward scales dy (and the final-state gradient) by a power of two before its fp16 products, so
+    gradients 2^-30 smaller (far under fp16's range) come out exactly 2^-30 smaller."""
+    inputs, state, dy, ds, _ = bf16_case(seed=17)
+    cfg = triton_chunk.DEFAULT_CONFIG
+    big = run_config(cfg, inputs, state, dy, ds)
+    tiny = run_config(cfg, inputs, state, dy * 2.0 ** -30, ds * 2.0 ** -30)
+    for name, b, t in zip(NAMES[2:], big[2:], tiny[2:]):
+        assert torch.equal(t.float() * 2.0 ** 30, b.float()), name
+
+
+def test_fp16_operands_at_the_steepest_decay_stay_finite():
+    """Every token at RWKV-7's steepest decay, with large inputs: the products whose factors leave fp16's range
+    (the 32-token chunks' pairs, whose factors reach e^{17 * 0.61} = 2^15) keep tf32 operands, so nothing
+    overflows."""
+    from rwkvkit.ops.testing import V7_MIN_LOG_DECAY, rel_rms
+
+    T = 45
+    inputs, state = rwkv7_like_inputs(1, T, 2, HEAD, torch.float32, seed=18)
+    r, w, k, v, a, b = inputs
+    inputs = [x.bfloat16() for x in (r * 8, torch.full_like(w, V7_MIN_LOG_DECAY), k * 8, v * 8, a, b)]
+    dy = torch.randn(1, T, 2, HEAD, device=DEVICE).bfloat16()
+    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
+    want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), ds.double())
+    got = run(lambda *x: triton_chunk.wkv7_triton(*x, log_decay_min=V7_MIN_LOG_DECAY), inputs, state, dy, ds)
+    for name, g, w in zip(NAMES, got, want):
+        assert torch.isfinite(g).all() and rel_rms(g, w) < 3 * rel_rms(w.bfloat16(), w), name
+
+
 def test_decays_too_steep_for_the_kernels_take_the_chunked_path(monkeypatch):
     """Below log_decay_floor (-4.2 for 32-token chunks) the kernels' in-chunk factors overflow; the call finds w's
     minimum and hands such inputs to the chunked path (exact for any w). A caller's bound skips that check."""

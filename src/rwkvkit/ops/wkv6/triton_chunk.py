@@ -423,6 +423,10 @@ def wkv6_triton(
     else DEFAULT_CONFIG.
     """
     check_triton_device(r, "WKV kernels", "chunked")
+    if config is not None and config.uses_fp16():
+        from rwkvkit.errors import ConfigError
+
+        raise ConfigError("KernelConfig precision 'fp16' is a WKV7 option; the WKV6 kernels take 'tf32r' and the rest")
     if cu_seqlens is not None:  # (kept where it is: from the CPU the launches get exact grids)
         check_cu_seqlens(cu_seqlens, r, initial_state)
     tensors = (r, w, k, v, u) + (() if initial_state is None else (initial_state,))

@@ -44,10 +44,19 @@ The decayed inputs the walks load (B e^{G_C-G}, K e^{G_C-G} forward, R e^{G}, A 
 that the walks' tf32-rounded products keep anyway, so only values under fp16's normal range (6e-5, tiny next to
 the chunk's later tokens) lose digits. Inputs above 65504 in size (bf16 only) would overflow: turn it off for
 those. H100, 0.1B shape: fwd+bwd 3.45 -> 3.38 ms, the walks 0.39 -> 0.36 and 0.54 -> 0.53 ms, errors unchanged.
+The default config's products take fp16 operands ("fp16" precisions) where that is safe (`fp16_operands_fit`:
+16-bit inputs and a known decay bound, which RWKV-7 models pass): fp16 rounds to the same 10-bit mantissa as
+"tf32r", so the errors do not move, but it takes half the registers and shared memory and twice the tensor-core
+rate (H100, 0.1B shape: fwd+bwd 3.27 -> 2.9 ms). Its range (6e-5 to 65504) asks three things: gradients are
+scaled by a power of two per call (`_scale`), however small the loss makes them; the pair matrices of the walks'
+chunks, whose factors span up to C/2 + 1 tokens (2^15 at RWKV-7's steepest decay), stay tf32r; the gradient
+kernel's pair factors span 9 tokens (2^8 at that decay), so its inputs r, k, a, b must stay under about 256 in
+size, and the states, U and v under 65504 (turn "fp16" off for inputs beyond that).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -60,7 +69,8 @@ from rwkvkit.ops.varlen import ChunkMap, check_cu_seqlens, chunk_bound, chunk_ma
 
 class KernelConfig(NamedTuple):
     """Tuning knobs. A precision is how tl.dot treats float32 operands: "ieee" (exact float32, slow on the GPU),
-    "tf32r" (operands rounded to tf32, then tensor cores), "tf32" (tensor cores on truncated operands) or "tf32x3",
+    "tf32r" (operands rounded to tf32, then tensor cores), "tf32" (tensor cores on truncated operands), "tf32x3",
+    or "fp16" (WKV7 only: operands rounded to fp16, see the module doc; where fp16 is not safe, "tf32r" instead),
     set separately for the products with the state (or its gradient), the other in-chunk products, and the solve."""
 
     chunk: int = 16  # tokens per chunk of the walks, the preparation and the output (power of two >= 16)
@@ -79,13 +89,19 @@ class KernelConfig(NamedTuple):
     # starts, which the forward saves for the backward, are kept in bf16 (WKV7 and WKV6; see module doc)
     half_walk_operands: bool = True  # WKV7, 16-bit inputs: the decayed inputs the walks load are fp16 (module doc)
 
-    def precisions(self) -> tuple[str, str, str]:
-        return self.precision_state, self.precision_chunk, self.precision_solve
+    def precisions(self, fp16: bool = True) -> tuple[str, str, str]:
+        """The three precisions, with "fp16" read as "tf32r" unless fp16 (fp16 operands are safe for the call)."""
+        return tuple("tf32r" if p == "fp16" and not fp16 else p
+                     for p in (self.precision_state, self.precision_chunk, self.precision_solve))
+
+    def uses_fp16(self) -> bool:
+        return "fp16" in (self.precision_state, self.precision_chunk, self.precision_solve)
 
 
 # 32-token walks (half the sequential steps of 16) with the gradient kernel on 16-token sub-chunks (at 32 it spills).
-# H100, B8 T4096 H12: fwd 1.43 -> 1.22 ms, fwd+bwd 4.13 -> 4.04 against chunk 16.
-DEFAULT_CONFIG = KernelConfig(chunk=32, grad_chunk=16)
+# H100, B8 T4096 H12: fwd 1.43 -> 1.22 ms, fwd+bwd 4.13 -> 4.04 against chunk 16. fp16 operands where safe.
+DEFAULT_CONFIG = KernelConfig(chunk=32, grad_chunk=16, precision_state="fp16", precision_chunk="fp16",
+                              precision_solve="fp16")
 
 
 @triton.jit
@@ -98,11 +114,25 @@ def _round_to_tf32(x):
 @triton.jit
 def _dot(x, y, PREC: tl.constexpr):
     """tl.dot of float32 tiles; "tf32r" rounds the operands to tf32 first, since the tensor cores truncate them
-    (a bias that measured 1.8x the bf16 error floor in da and db, against about 1.1x with rounding)."""
+    (a bias that measured 1.8x the bf16 error floor in da and db, against about 1.1x with rounding); "fp16" rounds
+    them to fp16 (float32 accumulation either way)."""
     if PREC == "tf32r":
         return tl.dot(_round_to_tf32(x), _round_to_tf32(y), input_precision="tf32")
+    elif PREC == "fp16":
+        return tl.dot(x.to(tl.float16), y.to(tl.float16))
     else:
         return tl.dot(x, y, input_precision=PREC)
+
+
+@triton.jit
+def _operand(x, ROUND: tl.constexpr):
+    """x rounded once as a dot operand: "tf32r" (float32 with a tf32 mantissa), "fp16", or "" (unchanged)."""
+    if ROUND == "tf32r":
+        return _round_to_tf32(x)
+    elif ROUND == "fp16":
+        return x.to(tl.float16)
+    else:
+        return x
 
 
 @triton.jit
@@ -202,6 +232,20 @@ def _pair_matrix(x, y, INCLUSIVE: tl.constexpr, C: tl.constexpr, PC: tl.constexp
 
 
 @triton.jit
+def _scale(grad_top, SCALED: tl.constexpr):
+    """SCALED: the power of two the backward multiplies dy (and dS_final) by, which brings the largest of them
+    (grad_top, `_largest_gradient`) into [1/16, 1/8), else 1. Exact, so fp16 operands keep the digits of gradients
+    however small the loss makes them (fp16 goes subnormal below 6e-5), with 2^19 of headroom for the state
+    gradient, which sums dy over many tokens."""
+    if SCALED:
+        top = tl.load(grad_top).to(tl.float32)
+        exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 249)  # biased
+        return ((250 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(123 - exponent)
+    else:
+        return 1.0
+
+
+@triton.jit
 def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexpr):
     """(I - L)^{-1} for strictly lower-triangular L [C, C]: (I + L)(I + L^2)(I + L^4)... as L^C = 0."""
     rows = tl.arange(0, C)
@@ -217,8 +261,8 @@ def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexp
 def _fwd_prep(
     w, k, v, a, b, wa, uv, b_end, k_end, e_end_c, solve_out, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr, STORE_SOLVE: tl.constexpr,
-    VARLEN: tl.constexpr,
+    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PP: tl.constexpr, PI: tl.constexpr,
+    STORE_SOLVE: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V;
     and for the walk's S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e: B_e, K_e and e^{G_C}. STORE_SOLVE: the
@@ -238,8 +282,8 @@ def _fwd_prep(
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
     a_in = aa * e_gp_m
-    m_ab = _pair_matrix(a_in, bb * e_m_g, False, C, PC)
-    m_ak = _pair_matrix(a_in, kk * e_m_g, False, C, PC)
+    m_ab = _pair_matrix(a_in, bb * e_m_g, False, C, PP)
+    m_ak = _pair_matrix(a_in, kk * e_m_g, False, C, PP)
     solve = _unit_lower_inverse(m_ab, C, LOG2C, PI)
     if STORE_SOLVE:
         tl.store(solve_out + _square_offsets(chunk, C, False), solve)
@@ -291,7 +335,7 @@ def _fwd_state(
 def _fwd_out(
     r, w, k, v, b, u, states, y, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, VARLEN: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, PP: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """y = R~ S_0^T + M_rb U + M_rk V for one chunk; with SUB < C also the states at the starts of its SUB-token
     sub-chunks, S_p = S_0 diag(e^{G_p}) + sum_{j<p} (u_j b_j^T + v_j k_j^T) diag(e^{G_p-G_j}), for the gradient
@@ -315,8 +359,8 @@ def _fwd_out(
     U = tl.load(u + scratch * V + cols_v[None, :])
     e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
     r_in = rr * e_g_m
-    m_rb = _pair_matrix(r_in, bb * e_m_g, True, C, PC)
-    m_rk = _pair_matrix(r_in, kk * e_m_g, True, C, PC)
+    m_rb = _pair_matrix(r_in, bb * e_m_g, True, C, PP)
+    m_rk = _pair_matrix(r_in, kk * e_m_g, True, C, PP)
     out = _dot(rr * e_g, tl.trans(S0), PS)
     out += _dot(m_rb, U, PC) + _dot(m_rk, vv, PC)
     tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
@@ -330,12 +374,13 @@ def _fwd_out(
 
 @triton.jit
 def _bwd_prep(
-    r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end_c, g_sub, chunk_table,
+    r, w, a, b, dy, grad_top, solve, p1, wb, r_s, a_s, e_end_c, g_sub, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PC: tl.constexpr,
-    VARLEN: tl.constexpr,
+    PP: tl.constexpr, SCALED: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T, with the solve
-    the forward stored; and for the walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}."""
+    the forward stored; and for the walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}.
+    SCALED: dY times `_scale` (and so p1)."""
     i_h, i_t, bos, T, base = _chunk_program(T, H, C, 1, chunk_table, VARLEN)
     if i_t < 0:  # a spare program of a packed-sequence grid
         return
@@ -348,10 +393,9 @@ def _bwd_prep(
     ww = tl.load(w + pk, mask=live, other=0.0).to(tl.float32)
     aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
     bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
-    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32) * _scale(grad_top, SCALED)
     e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
-    b_in = bb * e_m_g
-    m_rb = _pair_matrix(rr * e_g_m, b_in, True, C, PC)
+    m_rb = _pair_matrix(rr * e_g_m, bb * e_m_g, True, C, PP)
     solve_t = tl.load(solve + _square_offsets(chunk, C, True))
     du_y = _dot(tl.trans(m_rb), do, PC)
     tl.store(p1 + scratch * V + cols_v[None, :], _dot(solve_t, du_y, PC))
@@ -366,13 +410,14 @@ def _bwd_prep(
 
 @triton.jit
 def _bwd_state(
-    dy, p1, wb, r_s, a_s, e_end_c, g_sub, dw_u, ds_final, dstates, ds0, seq_table,
+    dy, grad_top, p1, wb, r_s, a_s, e_end_c, g_sub, dw_u, ds_final, dstates, ds0, seq_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, HAS_DS_FINAL: tl.constexpr, WANT_DS0: tl.constexpr,
-    VARLEN: tl.constexpr,
+    SCALED: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dL/dS at each chunk end, walking back: dW = p1 + wb dS_C^T, dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~;
-    and at the SUB-token sub-chunk boundaries inside each chunk (the states the gradient kernel starts from)."""
+    and at the SUB-token sub-chunk boundaries inside each chunk (the states the gradient kernel starts from).
+    SCALED: all of it times `_scale`, but dL/dS_0."""
     i_v = tl.program_id(0)
     i_sh = tl.program_id(1).to(tl.int64)  # sequence x head
     i_h, bos, T, base = _sequence(i_sh, T, H, C, seq_table, VARLEN)
@@ -380,8 +425,9 @@ def _bwd_state(
     cols_k = tl.arange(0, K)
     cols_v = i_v * BV + tl.arange(0, BV)
     s_offs = cols_v[:, None] * K + cols_k[None, :]
+    scale = _scale(grad_top, SCALED)
     if HAS_DS_FINAL:
-        dS = tl.load(ds_final + i_sh * V * K + s_offs).to(tl.float32)
+        dS = tl.load(ds_final + i_sh * V * K + s_offs).to(tl.float32) * scale
     else:
         dS = tl.zeros([BV, K], dtype=tl.float32)
     # p1 (the accumulator of dW's product, which Triton's pipeliner leaves out) and e^{G_C} are loaded a chunk
@@ -397,7 +443,7 @@ def _bwd_state(
         tl.store(dstates + ((chunk + 1) * (C // SUB) - 1) * V * K + s_offs, dS)
         tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
         scratch = chunk * C + rows_c
-        do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+        do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32) * scale
         w_b = tl.load(wb + scratch * K + cols_k[None, :])
         r_e = tl.load(r_s + scratch * K + cols_k[None, :]).to(tl.float32)
         a_e = tl.load(a_s + scratch * K + cols_k[None, :]).to(tl.float32)
@@ -408,7 +454,7 @@ def _bwd_state(
         # dS_p = dS_C diag(e^{G_C-G_p}) + sum_{t>=p} dy_t (r_t e^{G_t-G_p})^T + dW_t (a_t e^{G_{t-1}-G_p})^T
         for m in tl.static_range(1, C // SUB):
             inv_p = tl.exp(-tl.load(g_sub + (chunk * (C // SUB) + m) * K + cols_k))
-            after = (tl.arange(0, C) >= m * SUB)[:, None]
+            after = rows_c >= m * SUB
             dS_p = dS * (e_end * inv_p)[None, :]
             dS_p += _dot(tl.trans(do), tl.where(after, r_e * inv_p[None, :], 0.0), PS)
             dS_p += _dot(tl.trans(dW), tl.where(after, a_e * inv_p[None, :], 0.0), PS)
@@ -419,16 +465,16 @@ def _bwd_state(
         dW_next = tl.load(p1 + (scratch - C) * V + cols_v[None, :], mask=rows_c * 0 < i_t, other=0.0)
         e_next = tl.load(e_end_c + (chunk - 1) * K + cols_k, mask=cols_k * 0 < i_t, other=0.0)
     if WANT_DS0:
-        tl.store(ds0 + i_sh * V * K + s_offs, dS)
+        tl.store(ds0 + i_sh * V * K + s_offs, dS / scale)
 
 
 @triton.jit
 def _bwd_chunk(
-    r, w, k, v, a, b, dy, u, dw_u, states, dstates,
+    r, w, k, v, a, b, dy, grad_top, u, dw_u, states, dstates,
     dr, dw, dk, dv, da, db, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
-    ROUND_STATES: tl.constexpr, VARLEN: tl.constexpr,
+    C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND: tl.constexpr,
+    ROUND_STATES: tl.constexpr, SCALED: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """All input gradients of one chunk, from S_0, dS_C and the forward's U and the backward's dW.
 
@@ -436,8 +482,9 @@ def _bwd_chunk(
     are recomputed where they are used, dS_C and S_0 are loaded in turn, a few tiles are reloaded rather than kept,
     and the decay gradient is summed as it goes (a vector x scaled by e^{+-G} gives +-x dx to that G). With all
     tiles alive to the end it needed 8 warps and ran 1.8x slower (H100: 2.85 -> 1.61 ms at the 0.1B shape).
-    ROUND_ONCE (for "tf32r"): round every operand to tf32 once where it is made, and multiply with plain "tf32";
-    ROUND_STATES: the states too (False when they are stored in bf16, which tf32 holds exactly).
+    ROUND ("tf32r" or "fp16", else ""): round every operand once where it is made (then "tf32r" multiplies with
+    plain "tf32"); ROUND_STATES: the states too ("" when they are stored in bf16, which tf32 holds exactly).
+    SCALED: dY, and so the walk's dW and dS, come times `_scale`; the input gradients are stored without it.
     C tokens per program; the states and scratch are laid out by the walks' WALK-token chunks (C divides WALK)."""
     i_h, i_t, bos, T, base = _chunk_program(T, H, WALK, WALK // C, chunk_table, VARLEN)
     if i_t < 0:  # a spare program of a packed-sequence grid
@@ -463,19 +510,19 @@ def _bwd_chunk(
     a_in = aa * tl.exp(G - ww - g_mid[None, :])
     k_e = kk * tl.exp(g_end[None, :] - G)
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
-    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
+    scale = _scale(grad_top, SCALED)
+    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32) * scale
     U = tl.load(u + scratch)
     dW = tl.load(dw_u + scratch)
-    if ROUND_ONCE:
-        k_in = _round_to_tf32(k_in)
-        b_in = _round_to_tf32(b_in)
-        r_in = _round_to_tf32(r_in)
-        a_in = _round_to_tf32(a_in)
-        k_e = _round_to_tf32(k_e)
-        vv = _round_to_tf32(vv)
-        do = _round_to_tf32(do)
-        U = _round_to_tf32(U)
-        dW = _round_to_tf32(dW)
+    k_in = _operand(k_in, ROUND)
+    b_in = _operand(b_in, ROUND)
+    r_in = _operand(r_in, ROUND)
+    a_in = _operand(a_in, ROUND)
+    k_e = _operand(k_e, ROUND)
+    vv = _operand(vv, ROUND)
+    do = _operand(do, ROUND)
+    U = _operand(U, ROUND)
+    dW = _operand(dW, ROUND)
     m_ak = _pair_matrix(a_in, k_in, False, C, PC)
     m_rk = _pair_matrix(r_in, k_in, True, C, PC)
     incl = rows[:, None] >= rows[None, :]
@@ -484,35 +531,33 @@ def _bwd_chunk(
     d_mrk = tl.where(incl, _dot(do, tl.trans(vv), PC), 0.0)
     d_mab = tl.where(strict, _dot(dW, tl.trans(U), PC), 0.0)
     d_mak = tl.where(strict, _dot(dW, tl.trans(vv), PC), 0.0)
-    if ROUND_ONCE:
-        m_ak = _round_to_tf32(m_ak)
-        m_rk = _round_to_tf32(m_rk)
-        d_mrb = _round_to_tf32(d_mrb)
-        d_mrk = _round_to_tf32(d_mrk)
-        d_mab = _round_to_tf32(d_mab)
-        d_mak = _round_to_tf32(d_mak)
+    m_ak = _operand(m_ak, ROUND)
+    m_rk = _operand(m_rk, ROUND)
+    d_mrb = _operand(d_mrb, ROUND)
+    d_mrk = _operand(d_mrk, ROUND)
+    d_mab = _operand(d_mab, ROUND)
+    d_mak = _operand(d_mak, ROUND)
     # the parts that meet dS_C: v, and k and b through S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e
-    dSC = tl.load(dstates + p_state).to(tl.float32)
-    if ROUND_STATES:
-        dSC = _round_to_tf32(dSC)
+    dSC = _operand(tl.load(dstates + p_state).to(tl.float32), ROUND_STATES)
     d_v = _dot(tl.trans(m_rk), do, PC) + _dot(tl.trans(m_ak), dW, PC) + _dot(k_e, tl.trans(dSC), PS)
-    tl.store(dv + pv, d_v.to(dv.dtype.element_ty), mask=live)
+    inv_scale = 1.0 / scale
+    tl.store(dv + pv, (d_v * inv_scale).to(dv.dtype.element_ty), mask=live)
     # Each gradient is the sum of a state part and an in-chunk pairs part; the decay gradient takes x dx of each
     # part with x as that part's products saw it (rounded operands for the pairs), so that the two ends of every
     # pair, which enter G with opposite signs, cancel exactly.
     e_end_g = tl.exp(g_end[None, :] - G)
     d_k_state = _dot(vv, dSC, PS)
     d_k_pairs = _dot(tl.trans(d_mrk), r_in, PC) + _dot(tl.trans(d_mak), a_in, PC)
-    tl.store(dk + pk, (d_k_pairs * tl.exp(g_mid[None, :] - G) + d_k_state * e_end_g).to(dk.dtype.element_ty),
-             mask=live)
+    tl.store(dk + pk, ((d_k_pairs * tl.exp(g_mid[None, :] - G) + d_k_state * e_end_g) * inv_scale).to(
+        dk.dtype.element_ty), mask=live)
     # gradients of G_t (from r, k, b), G_{t-1} (from a) and G_C; the middle-token reference cancels in every pair
     d_gcur = -(d_k_pairs * k_in + d_k_state * k_e)
     d_gend = tl.sum(d_k_state * k_e, 0)
     b_e = tl.load(b + pk, mask=live, other=0.0).to(tl.float32) * e_end_g
     d_b_state = _dot(U, dSC, PS)
     d_b_pairs = _dot(tl.trans(d_mrb), r_in, PC) + _dot(tl.trans(d_mab), a_in, PC)
-    tl.store(db + pk, (d_b_pairs * tl.exp(g_mid[None, :] - G) + d_b_state * e_end_g).to(db.dtype.element_ty),
-             mask=live)
+    tl.store(db + pk, ((d_b_pairs * tl.exp(g_mid[None, :] - G) + d_b_state * e_end_g) * inv_scale).to(
+        db.dtype.element_ty), mask=live)
     d_gcur -= d_b_pairs * b_in + d_b_state * b_e
     d_gend += tl.sum(d_b_state * b_e, 0)
     # the parts that meet S_0: r and a through y = R~ S_0^T + ... and U = solve (A~ S_0^T + ...)
@@ -521,40 +566,38 @@ def _bwd_chunk(
     # overlap the products below instead of ending the kernel (H100: 0.03 ms of 1.42)
     d_gend += tl.sum(tl.load(dstates + p_state).to(tl.float32) * S0, 0) * tl.exp(g_end)
     # reloaded rather than kept alive through the dS_C part (cheaper than the registers they would hold)
-    do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32)
-    dW = tl.load(dw_u + scratch)
-    if ROUND_STATES:
-        S0 = _round_to_tf32(S0)
-    if ROUND_ONCE:
-        do = _round_to_tf32(do)
-        dW = _round_to_tf32(dW)
+    do = _operand(tl.load(dy + pv, mask=live, other=0.0).to(tl.float32) * scale, ROUND)
+    dW = _operand(tl.load(dw_u + scratch), ROUND)
+    S0 = _operand(S0, ROUND_STATES)
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     r_s = rr * tl.exp(G)
-    r_in = rr * tl.exp(G - g_mid[None, :])  # recomputed (the same value) rather than kept alive
-    if ROUND_ONCE:
-        r_in = _round_to_tf32(r_in)
+    r_in = _operand(rr * tl.exp(G - g_mid[None, :]), ROUND)  # recomputed (the same value) rather than kept alive
     d_r_state = _dot(do, S0, PS)
     d_r_pairs = _dot(d_mrb, b_in, PC) + _dot(d_mrk, k_in, PC)
-    tl.store(dr + pk, (d_r_state * tl.exp(G) + d_r_pairs * tl.exp(G - g_mid[None, :])).to(dr.dtype.element_ty),
-             mask=live)
+    tl.store(dr + pk, ((d_r_state * tl.exp(G) + d_r_pairs * tl.exp(G - g_mid[None, :])) * inv_scale).to(
+        dr.dtype.element_ty), mask=live)
     d_gcur += d_r_state * r_s + d_r_pairs * r_in
     aa = tl.load(a + pk, mask=live, other=0.0).to(tl.float32)
     a_s = aa * tl.exp(G - ww)
-    a_in = aa * tl.exp(G - ww - g_mid[None, :])
-    if ROUND_ONCE:
-        a_in = _round_to_tf32(a_in)
+    a_in = _operand(aa * tl.exp(G - ww - g_mid[None, :]), ROUND)
     d_a_state = _dot(dW, S0, PS)
     d_a_pairs = _dot(d_mab, b_in, PC) + _dot(d_mak, k_in, PC)
-    tl.store(da + pk, (d_a_state * tl.exp(G - ww) + d_a_pairs * tl.exp(G - ww - g_mid[None, :])).to(
+    tl.store(da + pk, ((d_a_state * tl.exp(G - ww) + d_a_pairs * tl.exp(G - ww - g_mid[None, :])) * inv_scale).to(
         da.dtype.element_ty), mask=live)
     d_gprev = d_a_state * a_s + d_a_pairs * a_in
     # w_l enters G_t for t >= l, G_{t-1} for t > l, and G_C (one scan of the sum, not one per part)
     d_w = tl.cumsum(d_gcur + d_gprev, 0, reverse=True) - d_gprev + d_gend[None, :]
-    tl.store(dw + pk, d_w.to(dw.dtype.element_ty), mask=live)
+    tl.store(dw + pk, (d_w * inv_scale).to(dw.dtype.element_ty), mask=live)
 
 
 def _log2(n: int) -> int:
     return n.bit_length() - 1
+
+
+def _pair_precision(pc: str) -> str:
+    """The precision of the in-chunk pair matrices of the walks' chunks: not fp16, whose range their factors
+    (e^{(C/2 + 1) |w|}, 2^15 at 32 tokens and RWKV-7's steepest decay) would leave."""
+    return "tf32r" if pc == "fp16" else pc
 
 
 class _Layout(NamedTuple):
@@ -611,15 +654,15 @@ def _walk_operand_dtype(r: torch.Tensor, cfg: KernelConfig) -> torch.dtype:
     return torch.float16 if half else torch.float32
 
 
-def _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool = True):
+def _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool = True, fp16: bool = False):
     """y, the final state, and for the backward the state at the start of every grad_chunk-token sub-chunk, U and
     each chunk's solve (I - M_ab)^{-1}. for_grad False: states only at the chunk starts (the output needs no more),
-    no solve (None)."""
+    no solve (None). fp16: the config's "fp16" precisions are safe here (`fp16_operands_fit`), else "tf32r"."""
     lay = _layout(r, v, cfg, cu_seqlens)
     B, T, H, K, V, n_chunks = lay.B, lay.T, lay.H, lay.K, lay.V, lay.n_chunks
     C = cfg.chunk
     sub = cfg.grad_chunk if for_grad else C
-    ps, pc, pi = cfg.precisions()
+    ps, pc, pi = cfg.precisions(fp16)
     f32 = dict(device=r.device, dtype=torch.float32)
     wa = torch.empty(B, H, n_chunks * C, K, **f32)
     b_end, k_end = (torch.empty(B, H, n_chunks * C, K, device=r.device, dtype=_walk_operand_dtype(r, cfg))
@@ -635,23 +678,35 @@ def _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool
     chunks = lay.chunk_grid(C)
     varlen = dict(VARLEN=lay.packed is not None)
     seq_table, chunk_table = lay.tables()
+    pp = _pair_precision(pc)
     _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, e_end if solve is None else solve, chunk_table,
-                      T, H, K, V, C, _log2(C), pc, pi, for_grad, **varlen, num_warps=cfg.warps_chunk)
+                      T, H, K, V, C, _log2(C), pc, pp, pi, for_grad, **varlen, num_warps=cfg.warps_chunk)
     _fwd_state[(V // lay.bv, lay.n_seqs * H)](
         v, wa, uv, b_end, k_end, e_end, u, s0 if s0 is not None else s_final, states, s_final, seq_table,
         T, H, K, V, lay.bv, C, sub, ps, HAS_S0=s0 is not None, **varlen, **_seq_launch(cfg),
     )  # fmt: skip
-    _fwd_out[chunks](r, w, k, v, b, u, states, y, chunk_table, T, H, K, V, C, sub, ps, pc, **varlen,
+    _fwd_out[chunks](r, w, k, v, b, u, states, y, chunk_table, T, H, K, V, C, sub, ps, pc, pp, **varlen,
                      num_warps=cfg.warps_chunk)
     return y, s_final, states, u, solve
 
 
-def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, cu_seqlens, cfg: KernelConfig):
+def _largest_gradient(dy: torch.Tensor, ds_final: torch.Tensor | None) -> torch.Tensor:
+    """The largest |dy| (or |dS_final|), on the device (no wait for it), for `_scale` (one reduction kernel)."""
+    top = torch.linalg.vector_norm(dy, float("inf"))
+    if ds_final is not None:
+        top = torch.maximum(top.float(), torch.linalg.vector_norm(ds_final, float("inf")))
+    return top
+
+
+def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, cu_seqlens, cfg: KernelConfig,
+              fp16: bool = False):
     lay = _layout(r, v, cfg, cu_seqlens)
     B, T, H, K, V, n_chunks = lay.B, lay.T, lay.H, lay.K, lay.V, lay.n_chunks
     C, sub = cfg.chunk, cfg.grad_chunk
-    ps, pc, pi = cfg.precisions()
+    ps, pc, pi = cfg.precisions(fp16)
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
+    scaled = "fp16" in (ps, pc, pi)
+    grad_top = _largest_gradient(dy, ds_final) if scaled else dy  # (a placeholder when unscaled)
     p1 = torch.empty_like(u)
     dw_u = torch.empty_like(u)
     f32 = dict(device=r.device, dtype=torch.float32)
@@ -664,21 +719,23 @@ def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, 
     ds0 = torch.empty(lay.n_seqs, H, V, K, **f32) if want_ds0 else dstates
     varlen = dict(VARLEN=lay.packed is not None)
     seq_table, chunk_table = lay.tables()
-    _bwd_prep[lay.chunk_grid(C)](r, w, a, b, dy, solve, p1, wb, r_s, a_s, e_end, g_sub, chunk_table,
-                                 T, H, K, V, C, sub, pc, **varlen, num_warps=cfg.warps_chunk)
+    _bwd_prep[lay.chunk_grid(C)](r, w, a, b, dy, grad_top, solve, p1, wb, r_s, a_s, e_end, g_sub, chunk_table,
+                                 T, H, K, V, C, sub, pc, _pair_precision(pc), scaled, **varlen,
+                                 num_warps=cfg.warps_chunk)
     ds_in = ds_final.contiguous() if ds_final is not None else dstates  # (a placeholder when there is none)
     _bwd_state[(V // lay.bv, lay.n_seqs * H)](
-        dy, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0, seq_table,
-        T, H, K, V, lay.bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, **varlen,
-        **_seq_launch(cfg),
+        dy, grad_top, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0, seq_table,
+        T, H, K, V, lay.bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, SCALED=scaled,
+        **varlen, **_seq_launch(cfg),
     )  # fmt: skip
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
-    round_once = cfg.round_once and ps == pc == "tf32r"
-    ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
+    rounding = ps if cfg.round_once and ps == pc and ps in ("tf32r", "fp16") else ""
+    ps_c, pc_c = ("tf32", "tf32") if rounding == "tf32r" else (ps, pc)
+    # (fp16: the products round the states themselves)
+    round_states = "tf32r" if rounding == "tf32r" and states.dtype == torch.float32 else ""
     _bwd_chunk[lay.chunk_grid(sub)](
-        r, w, k, v, a, b, dy, u, dw_u, states, dstates, *grads, chunk_table,
-        T, H, K, V, sub, C, ps_c, pc_c, round_once, round_once and states.dtype == torch.float32, **varlen,
-        num_warps=cfg.warps_grad,
+        r, w, k, v, a, b, dy, grad_top, u, dw_u, states, dstates, *grads, chunk_table,
+        T, H, K, V, sub, C, ps_c, pc_c, rounding, round_states, scaled, **varlen, num_warps=cfg.warps_grad,
     )  # fmt: skip
     return grads, (ds0 if want_ds0 else None)
 
@@ -687,10 +744,10 @@ class _WKV7(torch.autograd.Function):
     """Any KernelConfig (tests, benchmarks); the default config also has an op form for torch.compile below."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, cu_seqlens, cfg):
-        y, s_final, states, u, solve = _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg)
+    def forward(ctx, r, w, k, v, a, b, s0, cu_seqlens, cfg, fp16):
+        y, s_final, states, u, solve = _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg, fp16=fp16)
         ctx.save_for_backward(r, w, k, v, a, b, states, u, solve, cu_seqlens)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.fp16 = cfg, fp16
         ctx.s0_dtype = None if s0 is None else s0.dtype
         ctx.set_materialize_grads(False)
         return y, s_final
@@ -699,8 +756,8 @@ class _WKV7(torch.autograd.Function):
     def backward(ctx, dy, ds_final):
         want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[6]
         *saved, cu_seqlens = ctx.saved_tensors
-        grads, ds0 = _backward(*saved, dy, ds_final, want_ds0, cu_seqlens, ctx.cfg)
-        return (*grads, None if ds0 is None else ds0.to(ctx.s0_dtype), None, None)
+        grads, ds0 = _backward(*saved, dy, ds_final, want_ds0, cu_seqlens, ctx.cfg, ctx.fp16)
+        return (*grads, None if ds0 is None else ds0.to(ctx.s0_dtype), None, None, None)
 
 
 def _n_seqs(r: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
@@ -712,15 +769,15 @@ def _n_seqs(r: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
 # Explicit schemas: torch 2.4-2.6 cannot read this module's string annotations (`from __future__ import annotations`).
 @torch.library.custom_op(
     "rwkvkit::wkv7_fwd", mutates_args=(),
-    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0, Tensor? cu_seqlens) "
-           "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0, Tensor? cu_seqlens, "
+           "bool fp16) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _wkv7_fwd_op(r, w, k, v, a, b, s0, cu_seqlens):
-    return _forward(r, w, k, v, a, b, s0, cu_seqlens, DEFAULT_CONFIG)
+def _wkv7_fwd_op(r, w, k, v, a, b, s0, cu_seqlens, fp16):
+    return _forward(r, w, k, v, a, b, s0, cu_seqlens, DEFAULT_CONFIG, fp16=fp16)
 
 
 @_wkv7_fwd_op.register_fake
-def _(r, w, k, v, a, b, s0, cu_seqlens):
+def _(r, w, k, v, a, b, s0, cu_seqlens, fp16):
     B, T, H, K = r.shape
     V = v.shape[-1]
     C, sub = DEFAULT_CONFIG.chunk, DEFAULT_CONFIG.grad_chunk
@@ -736,15 +793,16 @@ def _(r, w, k, v, a, b, s0, cu_seqlens):
 @torch.library.custom_op(
     "rwkvkit::wkv7_bwd", mutates_args=(),
     schema="(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor states, Tensor u, Tensor solve, "
-           "Tensor dy, Tensor? ds_final, bool want_ds0, Tensor? cu_seqlens) -> Tensor[]",
+           "Tensor dy, Tensor? ds_final, bool want_ds0, Tensor? cu_seqlens, bool fp16) -> Tensor[]",
 )
-def _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens):
-    grads, ds0 = _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens, DEFAULT_CONFIG)
+def _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens, fp16):
+    grads, ds0 = _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens, DEFAULT_CONFIG,
+                           fp16)
     return grads + ([ds0] if want_ds0 else [])
 
 
 @_wkv7_bwd_op.register_fake
-def _(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens):
+def _(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens, fp16):
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
     K = r.shape[-1]
     ds0 = r.new_empty(_n_seqs(r, cu_seqlens), r.shape[2], v.shape[-1], K, dtype=torch.float32)
@@ -752,7 +810,7 @@ def _(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens):
 
 
 def _op_setup(ctx, inputs, output):
-    r, w, k, v, a, b, s0, cu_seqlens = inputs
+    r, w, k, v, a, b, s0, cu_seqlens, ctx.fp16 = inputs
     _, _, states, u, solve = output
     ctx.save_for_backward(r, w, k, v, a, b, states, u, solve, cu_seqlens)
     ctx.s0_dtype = None if s0 is None else s0.dtype
@@ -764,8 +822,8 @@ def _op_backward(ctx, dy, ds_final, _d_states, _d_u, _d_solve):
     want_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[6]
     r, w, k, v, a, b, states, u, solve, cu_seqlens = ctx.saved_tensors
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy
-    out = _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens)
-    return (*out[:6], out[6].to(ctx.s0_dtype) if want_ds0 else None, None)
+    out = _wkv7_bwd_op(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0, cu_seqlens, ctx.fp16)
+    return (*out[:6], out[6].to(ctx.s0_dtype) if want_ds0 else None, None, None)
 
 
 _wkv7_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
@@ -778,6 +836,15 @@ def log_decay_floor(cfg: KernelConfig) -> float:
     -4.2 at 32 tokens, -8 at 16, -14.4 at 16 with halves. Below it the factors overflow: WKV7 hands such inputs to
     the chunked PyTorch path (RWKV-7 models have w > -e^{-0.5}), WKV6 floors them (see its module)."""
     return -72.0 / (cfg.chunk // (4 if cfg.pair_halves else 2) + 1)
+
+
+def fp16_operands_fit(cfg: KernelConfig, dtype: torch.dtype, log_decay_min: float | None) -> bool:
+    """Whether the config's "fp16" precisions apply to a call (else "tf32r"): 16-bit inputs, and a known lowest
+    log decay at which the gradient kernel's pair factors, which span up to grad_chunk/2 + 1 tokens, stay within
+    2^8 (-0.616 per token for 16-token sub-chunks, which RWKV-7's -e^{-0.5} bound meets)."""
+    span = cfg.grad_chunk // 2 + 1
+    return (dtype in (torch.bfloat16, torch.float16) and log_decay_min is not None
+            and log_decay_min * span >= -8 * math.log(2))
 
 
 def _lowest_log_decay(w: torch.Tensor) -> float:
@@ -845,11 +912,12 @@ def wkv7_triton(
         return wkv7(r, w, k, v, a, b, initial_state, impl="chunked", cu_seqlens=cu_seqlens)
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     s0 = None if initial_state is None else initial_state.contiguous()
+    fp16 = config.uses_fp16() and fp16_operands_fit(config, r.dtype, log_decay_min)
     # under torch.compile only the default config is a registered op (an opaque call in the graph)
     if config is DEFAULT_CONFIG and (wants_grad or torch.compiler.is_compiling()):
-        y, s_final, *_ = _wkv7_fwd_op(r, w, k, v, a, b, s0, cu_seqlens)
+        y, s_final, *_ = _wkv7_fwd_op(r, w, k, v, a, b, s0, cu_seqlens, fp16)
         return y, s_final
     if wants_grad:
-        return _WKV7.apply(r, w, k, v, a, b, s0, cu_seqlens, config)
-    y, s_final, *_ = _forward(r, w, k, v, a, b, s0, cu_seqlens, config, for_grad=False)
+        return _WKV7.apply(r, w, k, v, a, b, s0, cu_seqlens, config, fp16)
+    y, s_final, *_ = _forward(r, w, k, v, a, b, s0, cu_seqlens, config, for_grad=False, fp16=fp16)
     return y, s_final
