@@ -202,3 +202,12 @@ def test_no_decay_check_where_the_gpu_must_not_be_waited_for(monkeypatch):
             triton_chunk.wkv6_triton(*inputs, state)
         triton_chunk.wkv6_triton(*inputs, state)
     assert seen == [triton_chunk.LONG_CHUNK_CONFIG, triton_chunk.DEFAULT_CONFIG, triton_chunk.LONG_CHUNK_CONFIG]
+
+
+def test_fp16_operands_are_a_wkv7_option():
+    """The WKV6 kernels neither scale their gradients nor bound their pair factors for fp16: such a config is named."""
+    from rwkvkit.errors import ConfigError
+
+    inputs, state = rwkv6_like_inputs(1, 20, 2, HEAD, seed=9)
+    with pytest.raises(ConfigError, match="'fp16' is a WKV7 option"):
+        triton_chunk.wkv6_triton(*inputs, state, config=triton_chunk.KernelConfig(precision_chunk="fp16"))

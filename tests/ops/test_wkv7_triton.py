@@ -208,15 +208,16 @@ def test_half_inputs_hand_the_walks_fp16_operands_that_change_nothing(monkeypatc
 
 
 def test_fp16_operands_only_where_their_range_holds():
-    """The default config's fp16 operands need 16-bit inputs and a known decay bound under which every in-chunk
-    factor stays within 2^8 (RWKV-7's -e^{-0.5} per token); otherwise its products round to tf32."""
+    """The default config's fp16 operands need 16-bit inputs and a known decay bound under which the in-chunk
+    factors stay within fp16's range (RWKV-7's -e^{-0.5} per token); otherwise its products round to tf32."""
     fit = triton_chunk.fp16_operands_fit
     cfg = triton_chunk.DEFAULT_CONFIG
     assert cfg.uses_fp16() and cfg.precisions(False) == ("tf32r",) * 3
     assert fit(cfg, torch.bfloat16, -0.6065) and fit(cfg, torch.float16, -0.3)
     assert not fit(cfg, torch.float32, -0.6065)
     assert not fit(cfg, torch.bfloat16, -1.0) and not fit(cfg, torch.bfloat16, None)
-    assert not fit(cfg._replace(grad_chunk=32), torch.bfloat16, -0.6065)  # middle-token factors of 32 tokens
+    assert not fit(cfg._replace(grad_chunk=32), torch.bfloat16, -0.6065)  # the gradient kernel's factors: 2^9
+    assert not fit(cfg._replace(chunk=64), torch.bfloat16, -0.6065)  # the walks' chunks' pair factors: 2^29
 
 
 def test_fp16_operands_as_accurate_as_tf32_ones(monkeypatch):
@@ -246,9 +247,9 @@ def test_fp16_operands_keep_tiny_gradients():
 
 
 def test_fp16_operands_at_the_steepest_decay_stay_finite():
-    """Every token at RWKV-7's steepest decay, with large inputs: the products whose factors leave fp16's range
-    (the 32-token chunks' pairs, whose factors reach e^{17 * 0.61} = 2^15) keep tf32 operands, so nothing
-    overflows."""
+    """Every token at RWKV-7's steepest decay, with large inputs: the 32-token chunks' pair factors reach
+    e^{17 * 0.61} = 2^15, so their inputs are scaled to a largest element in [1, 2) first, and nothing overflows
+    fp16."""
     from rwkvkit.ops.testing import V7_MIN_LOG_DECAY, rel_rms
 
     T = 45

@@ -47,11 +47,12 @@ those. H100, 0.1B shape: fwd+bwd 3.45 -> 3.38 ms, the walks 0.39 -> 0.36 and 0.5
 The default config's products take fp16 operands ("fp16" precisions) where that is safe (`fp16_operands_fit`:
 16-bit inputs and a known decay bound, which RWKV-7 models pass): fp16 rounds to the same 10-bit mantissa as
 "tf32r", so the errors do not move, but it takes half the registers and shared memory and twice the tensor-core
-rate (H100, 0.1B shape: fwd+bwd 3.27 -> 2.9 ms). Its range (6e-5 to 65504) asks three things: gradients are
-scaled by a power of two per call (`_scale`), however small the loss makes them; the pair matrices of the walks'
-chunks, whose factors span up to C/2 + 1 tokens (2^15 at RWKV-7's steepest decay), stay tf32r; the gradient
-kernel's pair factors span 9 tokens (2^8 at that decay), so its inputs r, k, a, b must stay under about 256 in
-size, and the states, U and v under 65504 (turn "fp16" off for inputs beyond that).
+rate (H100: fwd+bwd 3.29 -> 2.85 ms at the 0.1B shape, 4.17 -> 3.57 ms at 1.5B). Its range (6e-5 to 65504) asks
+three things: gradients are scaled by a power of two per call (`_scale`), however small the loss makes them; the
+pair factors of the walks' chunks span up to C/2 + 1 tokens (2^15 at RWKV-7's steepest decay), so the inputs of
+those pair matrices are scaled to a largest element in [1, 2) per chunk first (`_chunk_pair_matrix`); the gradient
+kernel's pair factors span 9 tokens (2^8 at that decay) on unscaled inputs, so there r, k, a, b must stay under
+about 256 in size, and everywhere the states, U and v under 65504 (turn "fp16" off for inputs beyond that).
 """
 
 from __future__ import annotations
@@ -246,6 +247,28 @@ def _scale(grad_top, SCALED: tl.constexpr):
 
 
 @triton.jit
+def _unit_scale(x):
+    """The power of two 2^-e with 2^e <= max |x| < 2^(e + 1): x times it has its largest element in [1, 2)."""
+    top = tl.max(tl.max(tl.abs(x), 1), 0)
+    exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)  # biased
+    return ((254 - exponent) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _chunk_pair_matrix(x, x_factor, y, y_factor, INCLUSIVE: tl.constexpr, C: tl.constexpr, PC: tl.constexpr):
+    """_pair_matrix of x * x_factor and y * y_factor, the pair factors of a walk chunk (up to e^{(C/2 + 1) |w|}).
+    With fp16 operands, x and y are first scaled to a largest element in [1, 2) (`_unit_scale`, undone on the
+    product), so that factors up to 2^15 stay within fp16's range whatever the inputs' size."""
+    if PC == "fp16":
+        x_scale = _unit_scale(x)
+        y_scale = _unit_scale(y)
+        m = _pair_matrix(x * x_scale * x_factor, y * y_scale * y_factor, INCLUSIVE, C, PC)
+        return m * (1.0 / x_scale) * (1.0 / y_scale)
+    else:
+        return _pair_matrix(x * x_factor, y * y_factor, INCLUSIVE, C, PC)
+
+
+@triton.jit
 def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexpr):
     """(I - L)^{-1} for strictly lower-triangular L [C, C]: (I + L)(I + L^2)(I + L^4)... as L^C = 0."""
     rows = tl.arange(0, C)
@@ -261,8 +284,8 @@ def _unit_lower_inverse(L, C: tl.constexpr, LOG2C: tl.constexpr, PI: tl.constexp
 def _fwd_prep(
     w, k, v, a, b, wa, uv, b_end, k_end, e_end_c, solve_out, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PP: tl.constexpr, PI: tl.constexpr,
-    STORE_SOLVE: tl.constexpr, VARLEN: tl.constexpr,
+    C: tl.constexpr, LOG2C: tl.constexpr, PC: tl.constexpr, PI: tl.constexpr, STORE_SOLVE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Per chunk, the state-independent parts of U = solve (A~ S_0^T + M_ak V): wa = solve A~, uv = solve M_ak V;
     and for the walk's S_C = S_0 diag(e^{G_C}) + U^T B_e + V^T K_e: B_e, K_e and e^{G_C}. STORE_SOLVE: the
@@ -281,9 +304,8 @@ def _fwd_prep(
     bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
-    a_in = aa * e_gp_m
-    m_ab = _pair_matrix(a_in, bb * e_m_g, False, C, PP)
-    m_ak = _pair_matrix(a_in, kk * e_m_g, False, C, PP)
+    m_ab = _chunk_pair_matrix(aa, e_gp_m, bb, e_m_g, False, C, PC)
+    m_ak = _chunk_pair_matrix(aa, e_gp_m, kk, e_m_g, False, C, PC)
     solve = _unit_lower_inverse(m_ab, C, LOG2C, PI)
     if STORE_SOLVE:
         tl.store(solve_out + _square_offsets(chunk, C, False), solve)
@@ -335,7 +357,7 @@ def _fwd_state(
 def _fwd_out(
     r, w, k, v, b, u, states, y, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, PP: tl.constexpr, VARLEN: tl.constexpr,
+    C: tl.constexpr, SUB: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """y = R~ S_0^T + M_rb U + M_rk V for one chunk; with SUB < C also the states at the starts of its SUB-token
     sub-chunks, S_p = S_0 diag(e^{G_p}) + sum_{j<p} (u_j b_j^T + v_j k_j^T) diag(e^{G_p-G_j}), for the gradient
@@ -358,9 +380,8 @@ def _fwd_out(
     vv = tl.load(v + pv, mask=live, other=0.0).to(tl.float32)
     U = tl.load(u + scratch * V + cols_v[None, :])
     e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
-    r_in = rr * e_g_m
-    m_rb = _pair_matrix(r_in, bb * e_m_g, True, C, PP)
-    m_rk = _pair_matrix(r_in, kk * e_m_g, True, C, PP)
+    m_rb = _chunk_pair_matrix(rr, e_g_m, bb, e_m_g, True, C, PC)
+    m_rk = _chunk_pair_matrix(rr, e_g_m, kk, e_m_g, True, C, PC)
     out = _dot(rr * e_g, tl.trans(S0), PS)
     out += _dot(m_rb, U, PC) + _dot(m_rk, vv, PC)
     tl.store(y + pv, out.to(y.dtype.element_ty), mask=live)
@@ -376,7 +397,7 @@ def _fwd_out(
 def _bwd_prep(
     r, w, a, b, dy, grad_top, solve, p1, wb, r_s, a_s, e_end_c, g_sub, chunk_table,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, PC: tl.constexpr,
-    PP: tl.constexpr, SCALED: tl.constexpr, VARLEN: tl.constexpr,
+    SCALED: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """The state-independent parts of dW = solve^T dU = solve^T M_rb^T dY + (solve^T B_e) dS_C^T, with the solve
     the forward stored; and for the walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}.
@@ -395,7 +416,7 @@ def _bwd_prep(
     bb = tl.load(b + pk, mask=live, other=0.0).to(tl.float32)
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32) * _scale(grad_top, SCALED)
     e_g, e_gp, e_g_m, e_gp_m, e_m_g, e_end_g, e_end = _decay_factors(ww, C)
-    m_rb = _pair_matrix(rr * e_g_m, bb * e_m_g, True, C, PP)
+    m_rb = _chunk_pair_matrix(rr, e_g_m, bb, e_m_g, True, C, PC)
     solve_t = tl.load(solve + _square_offsets(chunk, C, True))
     du_y = _dot(tl.trans(m_rb), do, PC)
     tl.store(p1 + scratch * V + cols_v[None, :], _dot(solve_t, du_y, PC))
@@ -594,11 +615,6 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def _pair_precision(pc: str) -> str:
-    """The precision of the in-chunk pair matrices of the walks' chunks: not fp16, whose range their factors
-    (e^{(C/2 + 1) |w|}, 2^15 at 32 tokens and RWKV-7's steepest decay) would leave."""
-    return "tf32r" if pc == "fp16" else pc
-
 
 class _Layout(NamedTuple):
     """What the launches need to know of a call's shapes (WKV7 and WKV6)."""
@@ -678,14 +694,13 @@ def _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool
     chunks = lay.chunk_grid(C)
     varlen = dict(VARLEN=lay.packed is not None)
     seq_table, chunk_table = lay.tables()
-    pp = _pair_precision(pc)
     _fwd_prep[chunks](w, k, v, a, b, wa, uv, b_end, k_end, e_end, e_end if solve is None else solve, chunk_table,
-                      T, H, K, V, C, _log2(C), pc, pp, pi, for_grad, **varlen, num_warps=cfg.warps_chunk)
+                      T, H, K, V, C, _log2(C), pc, pi, for_grad, **varlen, num_warps=cfg.warps_chunk)
     _fwd_state[(V // lay.bv, lay.n_seqs * H)](
         v, wa, uv, b_end, k_end, e_end, u, s0 if s0 is not None else s_final, states, s_final, seq_table,
         T, H, K, V, lay.bv, C, sub, ps, HAS_S0=s0 is not None, **varlen, **_seq_launch(cfg),
     )  # fmt: skip
-    _fwd_out[chunks](r, w, k, v, b, u, states, y, chunk_table, T, H, K, V, C, sub, ps, pc, pp, **varlen,
+    _fwd_out[chunks](r, w, k, v, b, u, states, y, chunk_table, T, H, K, V, C, sub, ps, pc, **varlen,
                      num_warps=cfg.warps_chunk)
     return y, s_final, states, u, solve
 
@@ -720,8 +735,7 @@ def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, 
     varlen = dict(VARLEN=lay.packed is not None)
     seq_table, chunk_table = lay.tables()
     _bwd_prep[lay.chunk_grid(C)](r, w, a, b, dy, grad_top, solve, p1, wb, r_s, a_s, e_end, g_sub, chunk_table,
-                                 T, H, K, V, C, sub, pc, _pair_precision(pc), scaled, **varlen,
-                                 num_warps=cfg.warps_chunk)
+                                 T, H, K, V, C, sub, pc, scaled, **varlen, num_warps=cfg.warps_chunk)
     ds_in = ds_final.contiguous() if ds_final is not None else dstates  # (a placeholder when there is none)
     _bwd_state[(V // lay.bv, lay.n_seqs * H)](
         dy, grad_top, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0, seq_table,
@@ -840,11 +854,12 @@ def log_decay_floor(cfg: KernelConfig) -> float:
 
 def fp16_operands_fit(cfg: KernelConfig, dtype: torch.dtype, log_decay_min: float | None) -> bool:
     """Whether the config's "fp16" precisions apply to a call (else "tf32r"): 16-bit inputs, and a known lowest
-    log decay at which the gradient kernel's pair factors, which span up to grad_chunk/2 + 1 tokens, stay within
-    2^8 (-0.616 per token for 16-token sub-chunks, which RWKV-7's -e^{-0.5} bound meets)."""
-    span = cfg.grad_chunk // 2 + 1
+    log decay at which the pair factors stay within fp16's range: those of the walks' chunks (chunk/2 + 1 tokens,
+    on unit-scaled inputs) within 2^15, the gradient kernel's (grad_chunk/2 + 1 tokens) within 2^8. For the default
+    config that is -0.611 per token, which RWKV-7's -e^{-0.5} bound meets."""
     return (dtype in (torch.bfloat16, torch.float16) and log_decay_min is not None
-            and log_decay_min * span >= -8 * math.log(2))
+            and log_decay_min * (cfg.chunk // 2 + 1) >= -15 * math.log(2)
+            and log_decay_min * (cfg.grad_chunk // 2 + 1) >= -8 * math.log(2))
 
 
 def _lowest_log_decay(w: torch.Tensor) -> float:
