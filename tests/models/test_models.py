@@ -286,6 +286,42 @@ def test_packed_sequences_gradients_equal_the_sum_over_sequences(model):
         torch.testing.assert_close(packed[name], alone[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_packed_token_shift_equals_each_sequence_shifted_alone():
+    """The packed token shift and the state it leaves, values and gradients of x and of every sequence's x_prev
+    (empty sequences included), equal each sequence shifted on its own, with deterministic algorithms on (empty
+    sequences share the spare row their x_prev is copied onto)."""
+    from rwkvkit.models.common import Packing, last_token, token_shift
+    from rwkvkit.ops.testing import PACKED_LENGTHS
+
+    cu = cu_seqlens_of(PACKED_LENGTHS)
+    total, n, C = sum(PACKED_LENGTHS), len(PACKED_LENGTHS), 6
+    x = torch.randn(1, total, C, dtype=torch.float64, requires_grad=True)
+    x_prev = torch.randn(n, C, dtype=torch.float64, requires_grad=True)
+    grads = torch.randn(1, total, C, dtype=torch.float64), torch.randn(n, C, dtype=torch.float64)
+
+    def alone():
+        rows = [(x[:, a:b], x_prev[i:i + 1]) for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist()))]
+        shifted = torch.cat([token_shift(xs, xp) for xs, xp in rows if xs.shape[1]], 1)
+        return shifted, torch.cat([xs[:, -1] if xs.shape[1] else xp for xs, xp in rows])
+
+    def values_and_grads(outputs):
+        torch.autograd.backward(outputs, grads)
+        out = [o.detach() for o in outputs] + [x.grad.clone(), x_prev.grad.clone()]
+        x.grad = x_prev.grad = None
+        return out
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        packing = Packing.build(cu, total, x.device)
+        got = values_and_grads((token_shift(x, x_prev, packing), last_token(x, x_prev, packing)))
+        want = values_and_grads(alone())
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for name, g, w in zip(["shifted", "last", "dx", "dx_prev"], got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+
+
 @torch.no_grad()
 def test_packed_sequences_input_forms_and_errors(make_checkpoint):
     model = load_checkpoint(make_checkpoint("7")).eval()
