@@ -24,7 +24,8 @@ def test_cuda_fp32_matches_cpu(make_checkpoint, version):
     idx = _tokens(2, 100)
     ref, ref_state = load_checkpoint(path).eval()(idx)
     out, state = load_checkpoint(path, device="cuda").eval()(idx.cuda())
-    # the Triton WKV kernels multiply tf32-rounded operands on the tensor cores (docs/gpu.md): ~1e-3 relative
+    # the Triton WKV kernels multiply operands rounded to a 10-bit mantissa (tf32, or fp16 for 16-bit inputs) on the
+    # tensor cores (docs/gpu.md): ~1e-3 relative
     assert rel_rms(out.cpu(), ref) < 3e-3
     assert rel_rms(state.wkv.cpu(), ref_state.wkv) < 3e-3
 
