@@ -220,30 +220,63 @@ def test_fp16_operands_only_where_their_range_holds():
     assert not fit(cfg._replace(chunk=64), torch.bfloat16, -0.6065)  # the walks' chunks' pair factors: 2^29
 
 
-def test_fp16_operands_as_accurate_as_tf32_ones(monkeypatch):
-    """bf16 inputs: fp16 operands (the same 10-bit mantissa as tf32r) give every output and gradient as close to
-    the float64 loop as tf32-rounded ones (within 5%, or 2% of the bf16 floor), into NaN-filled buffers."""
+TF32R = dict(precision_state="tf32r", precision_chunk="tf32r", precision_solve="tf32r")
+
+
+def gradients(fn, inputs, state, dy, ds):
+    """The gradients of the inputs and of the initial state for dy on y and ds on the final state (either None)."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    s0 = state.clone().requires_grad_()
+    y, s_final = fn(*leaves, s0)
+    outputs, grads = zip(*[(o, g) for o, g in ((y, dy), (s_final, ds)) if g is not None])
+    torch.autograd.backward(outputs, grads)
+    return [x.grad for x in leaves] + [s0.grad]
+
+
+def assert_as_close_as_tf32(got, tf32, want, names):
+    """Each of got within 5% (or 2% of the bf16 floor) of tf32's distance to the float64 want, and finite."""
     from rwkvkit.ops.testing import rel_rms
 
-    inputs, state, dy, ds, want = bf16_case(seed=16)
-    fill_new_buffers_with_nan(monkeypatch)
-    fp16, tf32 = (run_config(c, inputs, state, dy, ds) for c in
-                  (triton_chunk.DEFAULT_CONFIG, triton_chunk.DEFAULT_CONFIG._replace(
-                      precision_state="tf32r", precision_chunk="tf32r", precision_solve="tf32r")))
-    for name, h, f, w in zip(NAMES, fp16, tf32, want):
+    for name, g, f, w in zip(names, got, tf32, want):
         floor = rel_rms(w.bfloat16(), w)
-        assert torch.isfinite(h).all() and rel_rms(h, w) < 1.05 * rel_rms(f, w) + 0.02 * floor, name
+        assert torch.isfinite(g).all() and rel_rms(g, w) < 1.05 * rel_rms(f, w) + 0.02 * floor, name
+
+
+def test_fp16_operands_as_accurate_as_tf32_ones(monkeypatch):
+    """bf16 inputs: fp16 operands (the same 10-bit mantissa as tf32r) give every output and gradient as close to
+    the float64 loop as tf32-rounded ones, into NaN-filled buffers: with gradients on y and on the final state (a
+    backward that keeps tf32r), and on y alone (fp16 products in the backward too)."""
+    inputs, state, dy, ds, want = bf16_case(seed=16)
+    default, tf32 = triton_chunk.DEFAULT_CONFIG, triton_chunk.DEFAULT_CONFIG._replace(**TF32R)
+    fill_new_buffers_with_nan(monkeypatch)
+    assert_as_close_as_tf32(run_config(default, inputs, state, dy, ds), run_config(tf32, inputs, state, dy, ds),
+                            want, NAMES)
+    want = gradients(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), None)
+    got, tf = (gradients(lambda *x, c=c: triton_chunk.wkv7_triton(*x, config=c), inputs, state, dy, None)
+               for c in (default, tf32))
+    assert_as_close_as_tf32(got, tf, want, NAMES[2:])
 
 
 def test_fp16_operands_keep_tiny_gradients():
-    """The backward scales dy (and the final-state gradient) by a power of two before its fp16 products, so
-    gradients 2^-30 smaller (far under fp16's range) come out exactly 2^-30 smaller."""
-    inputs, state, dy, ds, _ = bf16_case(seed=17)
-    cfg = triton_chunk.DEFAULT_CONFIG
-    big = run_config(cfg, inputs, state, dy, ds)
-    tiny = run_config(cfg, inputs, state, dy * 2.0 ** -30, ds * 2.0 ** -30)
-    for name, b, t in zip(NAMES[2:], big[2:], tiny[2:]):
+    """The backward scales dy by a power of two before its fp16 products, so gradients 2^-30 smaller (far under
+    fp16's range) come out exactly 2^-30 smaller."""
+    inputs, state, dy, _, _ = bf16_case(seed=17)
+    fn = triton_chunk.wkv7_triton  # (DEFAULT_CONFIG)
+    big, tiny = (gradients(fn, inputs, state, g, None) for g in (dy, dy * 2.0 ** -30))
+    for name, b, t in zip(NAMES[2:], big, tiny):
         assert torch.equal(t.float() * 2.0 ** 30, b.float()), name
+
+
+def test_fp16_operands_not_in_a_backward_with_a_final_state_gradient():
+    """A gradient on the final state alone (state tuning through a later chunk): walking back, the state gradient
+    decays far below its size at the end (here about 1e-6 of it), under fp16's range; the backward keeps tf32r,
+    and the gradients are as close to the float64 loop as the tf32r config's."""
+    inputs, state, _, ds, _ = bf16_case(seed=19)
+    want = gradients(wkv7_naive, [x.double() for x in inputs], state.double(), None, ds.double())
+    got, tf = (gradients(lambda *x, c=c: triton_chunk.wkv7_triton(*x, config=c), inputs, state, None, ds)
+               for c in (triton_chunk.DEFAULT_CONFIG, triton_chunk.DEFAULT_CONFIG._replace(**TF32R)))
+    assert want[0] is None and not got[0].any()  # r reaches y only
+    assert_as_close_as_tf32(got[1:], tf[1:], want[1:], NAMES[3:])
 
 
 def test_fp16_operands_at_the_steepest_decay_stay_finite():

@@ -48,7 +48,8 @@ The default config's products take fp16 operands ("fp16" precisions) where that 
 16-bit inputs and a known decay bound, which RWKV-7 models pass): fp16 rounds to the same 10-bit mantissa as
 "tf32r", so the errors do not move, but it takes half the registers and shared memory and twice the tensor-core
 rate (H100: fwd+bwd 3.29 -> 2.85 ms at the 0.1B shape, 4.17 -> 3.57 ms at 1.5B). Its range (6e-5 to 65504) asks
-three things: gradients are scaled by a power of two per call (`_scale`), however small the loss makes them; the
+three things: gradients are scaled by a power of two per call (`_scale`), however small the loss makes them, and
+a backward with a final-state gradient, which can decay far below the largest |dy|, keeps "tf32r"; the
 pair factors of the walks' chunks span up to C/2 + 1 tokens (2^15 at RWKV-7's steepest decay), so the inputs of
 those pair matrices are scaled to a largest element in [1, 2) per chunk first (`_chunk_pair_matrix`); the gradient
 kernel's pair factors span 9 tokens (2^8 at that decay) on unscaled inputs, so there r, k, a, b must stay under
@@ -234,8 +235,8 @@ def _pair_matrix(x, y, INCLUSIVE: tl.constexpr, C: tl.constexpr, PC: tl.constexp
 
 @triton.jit
 def _scale(grad_top, SCALED: tl.constexpr):
-    """SCALED: the power of two the backward multiplies dy (and dS_final) by, which brings the largest of them
-    (grad_top, `_largest_gradient`) into [1/16, 1/8), else 1. Exact, so fp16 operands keep the digits of gradients
+    """SCALED: the power of two the backward multiplies dy by, which brings its largest element (grad_top,
+    `_largest_gradient`) into [1/16, 1/8), else 1. Exact, so fp16 operands keep the digits of gradients
     however small the loss makes them (fp16 goes subnormal below 6e-5), with 2^19 of headroom for the state
     gradient, which sums dy over many tokens."""
     if SCALED:
@@ -705,12 +706,9 @@ def _forward(r, w, k, v, a, b, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool
     return y, s_final, states, u, solve
 
 
-def _largest_gradient(dy: torch.Tensor, ds_final: torch.Tensor | None) -> torch.Tensor:
-    """The largest |dy| (or |dS_final|), on the device (no wait for it), for `_scale` (one reduction kernel)."""
-    top = torch.linalg.vector_norm(dy, float("inf"))
-    if ds_final is not None:
-        top = torch.maximum(top.float(), torch.linalg.vector_norm(ds_final, float("inf")))
-    return top
+def _largest_gradient(dy: torch.Tensor) -> torch.Tensor:
+    """The largest |dy|, on the device (no wait for it), for `_scale` (one reduction kernel)."""
+    return torch.linalg.vector_norm(dy, float("inf"))
 
 
 def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, cu_seqlens, cfg: KernelConfig,
@@ -718,10 +716,13 @@ def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, 
     lay = _layout(r, v, cfg, cu_seqlens)
     B, T, H, K, V, n_chunks = lay.B, lay.T, lay.H, lay.K, lay.V, lay.n_chunks
     C, sub = cfg.chunk, cfg.grad_chunk
-    ps, pc, pi = cfg.precisions(fp16)
+    # With a gradient on the final state the state gradient can decay, chunk after chunk, far below the largest
+    # |dy| that the scale goes by, under fp16's range (only dS_final, and 45 tokens: d(initial state) 20% off);
+    # with dy alone it gets dy's own size at every token. So fp16 products in the backward only without dS_final.
+    ps, pc, pi = cfg.precisions(fp16 and ds_final is None)
     dy = torch.zeros_like(v, dtype=r.dtype) if dy is None else dy.contiguous()
     scaled = "fp16" in (ps, pc, pi)
-    grad_top = _largest_gradient(dy, ds_final) if scaled else dy  # (a placeholder when unscaled)
+    grad_top = _largest_gradient(dy) if scaled else dy  # (a placeholder when unscaled)
     p1 = torch.empty_like(u)
     dw_u = torch.empty_like(u)
     f32 = dict(device=r.device, dtype=torch.float32)
