@@ -240,9 +240,7 @@ def _scale(grad_top, SCALED: tl.constexpr):
     however small the loss makes them (fp16 goes subnormal below 6e-5), with 2^19 of headroom for the state
     gradient, which sums dy over many tokens."""
     if SCALED:
-        top = tl.load(grad_top).to(tl.float32)
-        exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 249)  # biased
-        return ((250 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(123 - exponent)
+        return _inverse_power_of_two(tl.load(grad_top).to(tl.float32), 4)
     else:
         return 1.0
 
@@ -250,9 +248,15 @@ def _scale(grad_top, SCALED: tl.constexpr):
 @triton.jit
 def _unit_scale(x):
     """The power of two 2^-e with 2^e <= max |x| < 2^(e + 1): x times it has its largest element in [1, 2)."""
-    top = tl.max(tl.max(tl.abs(x), 1), 0)
-    exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)  # biased
-    return ((254 - exponent) << 23).to(tl.float32, bitcast=True)
+    return _inverse_power_of_two(tl.max(tl.max(tl.abs(x), 1), 0), 0)
+
+
+@triton.jit
+def _inverse_power_of_two(top, SHIFT: tl.constexpr):
+    """2^(-e - SHIFT) for a float32 top >= 0 with 2^e <= top < 2^(e + 1), from top's exponent bits; e is clamped
+    so that the result is a normal float32 (tiny or zero top: the largest such, huge or non-finite: the smallest)."""
+    exponent = tl.minimum(tl.maximum((top.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253 - SHIFT)  # biased
+    return ((254 - SHIFT - exponent) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
