@@ -43,10 +43,13 @@ def rel_err(x, ref):
 
 
 def run(fn, inputs, state, dy, ds):
+    """y, the final state, and the gradients of the inputs (and of the initial state) for dy on y and ds on the
+    final state (either may be None: no gradient there)."""
     leaves = [x.clone().requires_grad_() for x in inputs]
     s0 = None if state is None else state.clone().requires_grad_()
     y, s_final = fn(*leaves, s0)
-    torch.autograd.backward((y, s_final), (dy, ds))
+    outputs, grads = zip(*[(o, g) for o, g in ((y, dy), (s_final, ds)) if g is not None])
+    torch.autograd.backward(outputs, grads)
     grads = [x.grad for x in leaves] + ([] if s0 is None else [s0.grad])
     return [y, s_final, *grads]
 
@@ -223,16 +226,6 @@ def test_fp16_operands_only_where_their_range_holds():
 TF32R = dict(precision_state="tf32r", precision_chunk="tf32r", precision_solve="tf32r")
 
 
-def gradients(fn, inputs, state, dy, ds):
-    """The gradients of the inputs and of the initial state for dy on y and ds on the final state (either None)."""
-    leaves = [x.clone().requires_grad_() for x in inputs]
-    s0 = state.clone().requires_grad_()
-    y, s_final = fn(*leaves, s0)
-    outputs, grads = zip(*[(o, g) for o, g in ((y, dy), (s_final, ds)) if g is not None])
-    torch.autograd.backward(outputs, grads)
-    return [x.grad for x in leaves] + [s0.grad]
-
-
 def assert_as_close_as_tf32(got, tf32, want, names):
     """Each of got within 5% (or 2% of the bf16 floor) of tf32's distance to the float64 want, and finite."""
     from rwkvkit.ops.testing import rel_rms
@@ -251,10 +244,9 @@ def test_fp16_operands_as_accurate_as_tf32_ones(monkeypatch):
     fill_new_buffers_with_nan(monkeypatch)
     assert_as_close_as_tf32(run_config(default, inputs, state, dy, ds), run_config(tf32, inputs, state, dy, ds),
                             want, NAMES)
-    want = gradients(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), None)
-    got, tf = (gradients(lambda *x, c=c: triton_chunk.wkv7_triton(*x, config=c), inputs, state, dy, None)
-               for c in (default, tf32))
-    assert_as_close_as_tf32(got, tf, want, NAMES[2:])
+    want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), None)
+    got, tf = (run_config(c, inputs, state, dy, None) for c in (default, tf32))
+    assert_as_close_as_tf32(got, tf, want, NAMES)
 
 
 def test_fp16_operands_keep_tiny_gradients():
@@ -262,7 +254,7 @@ def test_fp16_operands_keep_tiny_gradients():
     fp16's range) come out exactly 2^-30 smaller."""
     inputs, state, dy, _, _ = bf16_case(seed=17)
     fn = triton_chunk.wkv7_triton  # (DEFAULT_CONFIG)
-    big, tiny = (gradients(fn, inputs, state, g, None) for g in (dy, dy * 2.0 ** -30))
+    big, tiny = (run(fn, inputs, state, g, None)[2:] for g in (dy, dy * 2.0 ** -30))
     for name, b, t in zip(NAMES[2:], big, tiny):
         assert torch.equal(t.float() * 2.0 ** 30, b.float()), name
 
@@ -272,11 +264,12 @@ def test_fp16_operands_not_in_a_backward_with_a_final_state_gradient():
     decays far below its size at the end (here about 1e-6 of it), under fp16's range; the backward keeps tf32r,
     and the gradients are as close to the float64 loop as the tf32r config's."""
     inputs, state, _, ds, _ = bf16_case(seed=19)
-    want = gradients(wkv7_naive, [x.double() for x in inputs], state.double(), None, ds.double())
-    got, tf = (gradients(lambda *x, c=c: triton_chunk.wkv7_triton(*x, config=c), inputs, state, None, ds)
+    want = run(wkv7_naive, [x.double() for x in inputs], state.double(), None, ds.double())
+    got, tf = (run_config(c, inputs, state, None, ds)
                for c in (triton_chunk.DEFAULT_CONFIG, triton_chunk.DEFAULT_CONFIG._replace(**TF32R)))
-    assert want[0] is None and not got[0].any()  # r reaches y only
-    assert_as_close_as_tf32(got[1:], tf[1:], want[1:], NAMES[3:])
+    assert want[2] is None and not got[2].any()  # r reaches y only
+    others = [i for i in range(len(NAMES)) if i != 2]
+    assert_as_close_as_tf32(*([x[i] for i in others] for x in (got, tf, want)), [NAMES[i] for i in others])
 
 
 def test_fp16_operands_at_the_steepest_decay_stay_finite():
