@@ -55,7 +55,8 @@ VARIANTS = {  # H100 history in docs/gpu.md: ieee 6x slower, raw tf32 1.78x the 
     "c32g32-tf32r-v64": _config(chunk=32, grad_chunk=32, block_v=64),
     "c16-tf32r-v32": _config(),
     "c16-tf32r-v64": _config(block_v=64),
-    "c16h-tf32r-v64": _config(block_v=64, pair_halves=True),  # WKV6: pair factors split per half chunk
+    "c16h-tf32r-v64": _config(block_v=64, pair_levels=1),  # WKV6: steep chunks' pairs split per half chunk
+    "c32l1-tf32r": _config(chunk=32, grad_chunk=32, block_v=None, pair_levels=1),  # WKV6: one split, floor -8
     "c16-tf32r-v16": _config(block_v=16),
     "c16-tf32r-v16-w2": _config(block_v=16, warps_seq=2),
     "c16-tf32r-v32-s1": _config(stages_seq=1),
@@ -139,7 +140,7 @@ def reference_fp64(r, w, k, v, a, b, s0):
 def ours(op, cfg, cu_seqlens=None):
     if op == "wkv7":  # with the decay bound the model passes (rwkv7_inputs keep it), as fla's lower_bound path
         return lambda *args: wkv7_triton(*args, config=cfg, log_decay_min=V7_MIN_LOG_DECAY, cu_seqlens=cu_seqlens)
-    # cfg None: the kernel's own choice (WKV6: 32- or 16-token chunks by the decays it gets)
+    # cfg None: the kernel's own default (WKV6: steep chunks taken by a second pass, see its module)
     return lambda *args: wkv6_triton(*args, config=cfg, cu_seqlens=cu_seqlens)
 
 
@@ -317,10 +318,10 @@ def main():
     p.add_argument("--odd-length", type=int, default=0, help="also check accuracy at this T (batch 1)")
     p.add_argument("--profile", action="store_true", help="per-kernel device time of our variants")
     p.add_argument("--log-decay-min", type=float, default=None,
-                   help="WKV6: clamp the random log decays from below (at -4.2 the default takes 32-token chunks)")
+                   help="WKV6: clamp the random log decays from below (at -4.2 no chunk is steep)")
     p.add_argument("--log-decay-mu", type=float, default=-1.0,
-                   help="WKV6: log decays are -exp(0.5 z + mu) (mu = 2: about -7.4 per token, so the default takes "
-                        "16-token chunks)")
+                   help="WKV6: log decays are -exp(0.5 z + mu) (mu = 2: about -7.4 per token, so every 32-token "
+                        "chunk is too steep for the split around its middle token)")
     p.add_argument("--packed", type=int, default=0, metavar="MEAN",
                    help="also time each shape's tokens packed as sequences of mean length MEAN")
     args = p.parse_args()

@@ -28,7 +28,10 @@ EXACT = KernelConfig(precision_state="ieee", precision_chunk="ieee", precision_s
 NAMES = ["y", "final_state", "dr", "dw", "dk", "dv", "du", "d_initial_state"]
 
 
-def rwkv6_like_inputs(B, T, H, N, seed):
+def rwkv6_like_inputs(B, T, H, N, seed, steep=()):
+    """steep: log decays per batch row (cycled) for the middle third of the tokens, about -6 or -12 per token, so
+    that the chunks that hold enough of them are too steep for the pair factors' split around the middle token (the
+    others are not): with -6 one level of halves fits 32-token chunks, with -12 they need two."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -36,6 +39,9 @@ def rwkv6_like_inputs(B, T, H, N, seed):
 
     r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
     w = -torch.exp(randn(B, T, H, N) * 0.5 - 1.0)  # RWKV-6: w = -exp(time_decay + lora)
+    if steep:
+        typical = -torch.tensor(steep).repeat(B)[:B].view(B, 1, 1, 1)
+        w[:, T // 3: 2 * T // 3] = typical * torch.exp(randn(B, 2 * T // 3 - T // 3, H, N) * 0.05)
     u = randn(H, N) * 0.5
     state = randn(B, H, N, N) * 0.5
     return [x.to(DEVICE) for x in (r, w, k, v, u)], state.to(DEVICE)
@@ -43,6 +49,19 @@ def rwkv6_like_inputs(B, T, H, N, seed):
 
 def rel_err(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def spy_on_steep_flags(monkeypatch) -> list:
+    """The first passes' flags of every chunk-parallel launch, as they are once the call returns."""
+    seen = []
+    make = triton_chunk._steep_flags
+    monkeypatch.setattr(triton_chunk, "_steep_flags", lambda *a: seen.append(make(*a)) or seen[-1])
+    return seen
+
+
+def assert_passes_took_chunks(flags: list) -> None:
+    """Each launch's first pass took some chunks and left some to a later one."""
+    assert flags and all(0 in f and f.gt(0).any() for f in flags), [f.tolist() for f in flags]
 
 
 def run(fn, inputs, state, dy, ds):
@@ -54,58 +73,68 @@ def run(fn, inputs, state, dy, ds):
 
 
 @pytest.mark.parametrize(
-    "T, with_state, chunk, grad_chunk, halves",
+    "T, with_state, chunk, grad_chunk, levels",
     # walks of 32 or 64 tokens with a gradient kernel of 16 (states at the sub-chunk starts), or 32 throughout
-    [(37, True, 16, 16, False), (16, False, 16, 16, False), (5, True, 16, 16, False), (45, True, 32, 16, False),
-     (70, False, 64, 16, False), (45, True, 32, 32, False),
-     # pair factors split per half chunk (DEFAULT_CONFIG's), also with 32-token walks and 16-token gradients
-     (37, True, 16, 16, True), (45, False, 32, 16, True), (70, True, 32, 32, True)],
+    [(37, True, 16, 16, 0), (16, False, 16, 16, 0), (5, True, 16, 16, 0), (45, True, 32, 16, 0),
+     (70, False, 64, 16, 0), (45, True, 32, 32, 0),
+     # steep chunks split by halves in a second pass (DEFAULT_CONFIG: 32-token chunks, 2 levels), on inputs where
+     # some chunks are steep and some not; also with 32-token walks and 16-token gradients
+     (70, True, 32, 32, 2), (45, False, 32, 16, 2), (70, True, 32, 32, 1), (37, True, 16, 16, 1)],
 )
-def test_matches_naive_float32(T, with_state, chunk, grad_chunk, halves, monkeypatch):
-    inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=T)
+def test_matches_naive_float32(T, with_state, chunk, grad_chunk, levels, monkeypatch):
+    inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=T, steep=(6.0, 12.0) if levels else ())
     state = state if with_state else None
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
-    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_halves=halves)
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_levels=levels)
     # 64-token walks floor the log decay at -2.2 (log_decay_floor), which a few of these draws pass (GPU, N = 64)
     floor = triton_chunk.log_decay_floor(cfg)
+    flags = spy_on_steep_flags(monkeypatch)
     got = assert_kernel_matches(lambda r, w, *x: wkv6_naive(r, w.clamp(min=floor), *x),
                                 lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), (inputs, state, dy, ds), NAMES,
                                 monkeypatch)
     assert len(got) == (8 if with_state else 7)
+    if levels:
+        assert len(flags) == 2  # forward and backward
+        assert_passes_took_chunks(flags)
 
 
-@pytest.mark.parametrize("chunk, grad_chunk, halves, with_state, cu_on", [
-    (16, 16, True, True, "host"), (32, 16, False, False, "device"), (32, 32, False, True, "host"),
-    (16, 16, True, False, "device")])
-def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, halves, with_state, cu_on, monkeypatch):
+@pytest.mark.parametrize("chunk, grad_chunk, levels, with_state, cu_on", [
+    (32, 32, 2, True, "host"), (32, 16, 0, False, "device"), (32, 32, 0, True, "host"),
+    (32, 32, 2, False, "device"), (16, 16, 1, True, "device")])
+def test_packed_sequences_match_each_sequence_alone(chunk, grad_chunk, levels, with_state, cu_on, monkeypatch):
     """cu_seqlens: as for WKV7, packed sequences of odd lengths (one empty, one of a single token) against the naive
-    loop on each alone, into NaN-filled buffers; the bonus u's gradient sums over the sequences."""
+    loop on each alone, into NaN-filled buffers; the bonus u's gradient sums over the sequences. With pair_levels,
+    some chunks steep (floored as the kernels floor them)."""
     lengths = PACKED_LENGTHS
     T, n = sum(lengths), len(lengths)
-    inputs, _ = rwkv6_like_inputs(1, T, 2, HEAD, seed=16)
+    inputs, _ = rwkv6_like_inputs(1, T, 2, HEAD, seed=16, steep=(12.0,) if levels else ())
     state = torch.randn(n, 2, HEAD, HEAD, device=DEVICE) * 0.5 if with_state else None
     dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(n, 2, HEAD, HEAD, device=DEVICE)
     cu = count_chunks_on(cu_on, cu_seqlens_of(lengths).to(DEVICE), monkeypatch)
-    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_halves=halves)
-    got = assert_kernel_matches(lambda *x: wkv6(*x, impl="naive", cu_seqlens=cu),
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_levels=levels)
+    floor = triton_chunk.log_decay_floor(cfg)
+    flags = spy_on_steep_flags(monkeypatch)
+    got = assert_kernel_matches(lambda r, w, *x: wkv6(r, w.clamp(min=floor), *x, impl="naive", cu_seqlens=cu),
                                 lambda *x: triton_chunk.wkv6_triton(*x, config=cfg, cu_seqlens=cu),
                                 (inputs, state, dy, ds), NAMES, monkeypatch)
     assert len(got) == (8 if with_state else 7)
+    if levels:
+        assert_passes_took_chunks(flags)
 
 
-@pytest.mark.parametrize("chunk, halves", [(16, True), (32, False), (16, False)])
-def test_log_decays_below_the_floor_are_floored_not_overflowed(chunk, halves, monkeypatch):
+@pytest.mark.parametrize("chunk, levels", [(32, 2), (16, 1), (32, 0), (16, 0)])
+def test_log_decays_below_the_floor_are_floored_not_overflowed(chunk, levels, monkeypatch):
     """RWKV-6's w = -exp(time_decay + lora) is unbounded below (here down to about -1e5): the split pair factors
     would overflow, so the kernels floor w at log_decay_floor (DEFAULT_CONFIG's: -14.4): the floored recurrence
-    exactly, and with DEFAULT_CONFIG's split within float32 rounding of the true one (-8 without it: 1e-3)."""
+    exactly, and at -14.4 within float32 rounding of the true one (at -8: 1e-3)."""
     T = 37
     inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=11)
     inputs[1] = -torch.exp(torch.randn(inputs[1].shape, generator=torch.Generator().manual_seed(3)) * 5).to(DEVICE)
-    cfg = EXACT._replace(chunk=chunk, grad_chunk=16, pair_halves=halves)
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=16, pair_levels=levels)
     floor = triton_chunk.log_decay_floor(cfg)
-    assert floor == {(16, True): -14.4, (32, False): -72 / 17, (16, False): -8.0}[chunk, halves]
+    assert floor == {(32, 2): -14.4, (16, 1): -14.4, (32, 0): -72 / 17, (16, 0): -8.0}[chunk, levels]
     assert (inputs[1] < floor).float().mean() > 0.2
     dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
     ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
@@ -117,8 +146,8 @@ def test_log_decays_below_the_floor_are_floored_not_overflowed(chunk, halves, mo
     for name, g, f, t in zip(NAMES, got, floored, true):
         assert torch.isfinite(g).all(), name
         assert rel_err(g, f) < 2e-5, name
-        if chunk == 16:
-            assert rel_err(g, t) < (2e-5 if halves else 1e-3), name
+        if floor <= -8:
+            assert rel_err(g, t) < (2e-5 if floor == -14.4 else 1e-3), name
 
 
 def test_default_config_bf16():
@@ -162,21 +191,29 @@ def test_default_config_gradients_float32_within_tf32_rounding():
         assert rel_err(g, w) < 3e-3, name
 
 
-def test_default_takes_the_fastest_config_whose_floor_changes_nothing(monkeypatch):
-    """With or without gradients: 32-token chunks while every log decay is above their floor (-4.2), 16-token
-    chunks above -8, else 16 with the pair factors split per half chunk (floor -14.4); all close to the loop."""
+def test_default_config_takes_each_chunk_by_its_own_decays_without_waiting_for_the_gpu(monkeypatch):
+    """With or without gradients, DEFAULT_CONFIG for every input and no device sync (so also inside CUDA graphs):
+    the chunks too steep for the split around their middle token are left by the first pass to the second;
+    tf32-rounded products stay close to the loop on mild inputs, on inputs with some steep chunks (which need one or
+    two levels of splits) and on all-steep ones."""
+    from rwkvkit.ops import without_device_syncs
+
     seen = []
     forward = triton_chunk._forward
     monkeypatch.setattr(triton_chunk, "_forward", lambda *args, **kw: seen.append(args[-1]) or forward(*args, **kw))
-    T = 45
-    inputs, state = rwkv6_like_inputs(1, T, 2, HEAD, seed=8)
-    dy = torch.randn(1, T, 2, HEAD, device=DEVICE)
-    ds = torch.randn(1, 2, HEAD, HEAD, device=DEVICE)
-    for strong, config in ((None, triton_chunk.LONG_CHUNK_CONFIG), (-7.0, triton_chunk.SHORT_CHUNK_CONFIG),
-                           (-12.0, triton_chunk.DEFAULT_CONFIG)):
-        if strong is not None:
-            inputs[1][..., 0] = strong
-        with torch.no_grad():
+    flags = spy_on_steep_flags(monkeypatch)
+    T = 70
+    dy = torch.randn(2, T, 2, HEAD, device=DEVICE)
+    ds = torch.randn(2, 2, HEAD, HEAD, device=DEVICE)
+    # steep chunks per (batch row x head, chunk): tokens 23-45 at -6 in batch row 0 (chunk 0 holds 9 of them: no
+    # split needed; chunk 1 15: one level would do), at -12 in row 1 (two levels); the last chunk (6 tokens) fits
+    some = torch.tensor([[0, 1, 0], [0, 1, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.int8)
+    for steep, every in (((), False), ((6.0, 12.0), False), ((), True)):
+        inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=8, steep=steep)
+        if every:  # about -7.4 per token (-exp(N(2, 0.5))), as `benchmarks/gpu_wkv.py --log-decay-mu 2`
+            inputs[1] = -torch.exp(torch.randn(inputs[1].shape, generator=torch.Generator().manual_seed(4)) * 0.5
+                                   + 2).to(DEVICE)
+        with torch.no_grad(), without_device_syncs():
             y, s_final = triton_chunk.wkv6_triton(*inputs, state)
         y_ref, s_ref = wkv6_naive(*inputs, state)
         assert rel_err(y, y_ref) < 3e-3 and rel_err(s_final, s_ref) < 3e-3
@@ -184,24 +221,21 @@ def test_default_takes_the_fastest_config_whose_floor_changes_nothing(monkeypatc
         want = run(wkv6_naive, inputs, state, dy, ds)
         for name, g, w in zip(NAMES, got, want):
             assert rel_err(g, w) < 3e-3, name
-        assert seen[-2:] == [config, config]
+        assert seen[-2:] == [triton_chunk.DEFAULT_CONFIG] * 2
+        for f in flags[-3:]:  # forward without gradients, forward, backward
+            f = f.view(4, 3).cpu()
+            if every:  # (at N = 64 some channel makes even the last 6 tokens steep)
+                assert f[:, :2].gt(0).all()
+            else:
+                assert f.equal(some if steep else torch.zeros_like(some))
 
 
-def test_no_decay_check_where_the_gpu_must_not_be_waited_for(monkeypatch):
-    """Inside ops.without_device_syncs (a CUDA graph's warm-up and recording) the default is DEFAULT_CONFIG, whatever
-    the decays: the check would wait for the GPU."""
-    from rwkvkit.ops import without_device_syncs
+def test_pair_levels_beyond_two_are_named():
+    from rwkvkit.errors import ConfigError
 
-    seen = []
-    forward = triton_chunk._forward
-    monkeypatch.setattr(triton_chunk, "_forward", lambda *args, **kw: seen.append(args[-1]) or forward(*args, **kw))
     inputs, state = rwkv6_like_inputs(1, 20, 2, HEAD, seed=9)
-    with torch.no_grad():
-        triton_chunk.wkv6_triton(*inputs, state)
-        with without_device_syncs():
-            triton_chunk.wkv6_triton(*inputs, state)
-        triton_chunk.wkv6_triton(*inputs, state)
-    assert seen == [triton_chunk.LONG_CHUNK_CONFIG, triton_chunk.DEFAULT_CONFIG, triton_chunk.LONG_CHUNK_CONFIG]
+    with pytest.raises(ConfigError, match="pair_levels takes 0, 1 or 2"):
+        triton_chunk.wkv6_triton(*inputs, state, config=triton_chunk.DEFAULT_CONFIG._replace(pair_levels=3))
 
 
 def test_fp16_operands_are_a_wkv7_option():

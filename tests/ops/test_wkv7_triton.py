@@ -377,5 +377,5 @@ def test_a_wkv6_only_option_is_refused():
     from rwkvkit.errors import ConfigError
 
     inputs, state = rwkv7_like_inputs(1, 20, 2, HEAD, torch.float32, seed=9)
-    with pytest.raises(ConfigError, match="pair_halves is a WKV6 option"):
-        triton_chunk.wkv7_triton(*inputs, state, config=triton_chunk.KernelConfig(pair_halves=True))
+    with pytest.raises(ConfigError, match="pair_levels is a WKV6 option"):
+        triton_chunk.wkv7_triton(*inputs, state, config=triton_chunk.KernelConfig(pair_levels=1))

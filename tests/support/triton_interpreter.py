@@ -48,11 +48,14 @@ def device_for_kernel_tests(*kernel_modules: str) -> str:
 
 
 def fill_new_buffers_with_nan(monkeypatch) -> None:
-    """Until monkeypatch.undo(), torch.empty and torch.empty_like return NaN-filled tensors: every buffer a kernel
-    fills starts as NaN, so an element it forgets to write shows up in what it returns."""
+    """Until monkeypatch.undo(), torch.empty and torch.empty_like return NaN-filled tensors (integer ones all ones
+    bits): every buffer a kernel fills starts as NaN, so an element it forgets to write shows up in what it returns."""
+    def poisoned(x):
+        return x.fill_(float("nan") if x.is_floating_point() else -1)
+
     for name in ("empty", "empty_like"):
         alloc = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: _alloc(*a, **kw).fill_(float("nan")))
+        monkeypatch.setattr(torch, name, lambda *a, _alloc=alloc, **kw: poisoned(_alloc(*a, **kw)))
 
 
 def check_bf16_saved_states(monkeypatch, kernel_module, run_config, config, want, names) -> None:

@@ -90,7 +90,7 @@ _SYNCS = threading.local()
 
 @contextlib.contextmanager
 def without_device_syncs():
-    """Inside, no op makes a choice that waits for the GPU (WKV6's decay check that picks its chunk length). For
+    """Inside, no op makes a choice that waits for the GPU (WKV7's decay check when no bound is given). For
     what a CUDA graph records, and for the warm-up runs before recording, which must take the same kernels."""
     before = getattr(_SYNCS, "off", False)
     _SYNCS.off = True

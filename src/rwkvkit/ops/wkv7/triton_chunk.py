@@ -86,7 +86,7 @@ class KernelConfig(NamedTuple):
     warps_grad: int = 4  # _bwd_chunk, WKV7 and WKV6 (two programs per SM; 8 warps measured 1.2-1.6x slower)
     round_once: bool = True  # tf32r in the gradient kernel: round each operand once, not in every product
     stages_seq: int | None = None  # WKV7 walks' pipelining stages (None: Triton's; 1-4 measured alike, H100)
-    pair_halves: bool = False  # WKV6: split the in-chunk pair factors per half chunk (a lower decay floor)
+    pair_levels: int = 0  # WKV6, 0-2: chunks too steep for one split around the middle token halve it this often
     half_saved_states: bool = True  # 16-bit inputs: the states and state gradients at the gradient sub-chunk
     # starts, which the forward saves for the backward, are kept in bf16 (WKV7 and WKV6; see module doc)
     half_walk_operands: bool = True  # WKV7, 16-bit inputs: the decayed inputs the walks load are fp16 (module doc)
@@ -850,11 +850,12 @@ _wkv7_fwd_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 def log_decay_floor(cfg: KernelConfig) -> float:
     """The lowest log decay per token that the WKV7 and WKV6 kernels take with this config. Their in-chunk pair
-    factors e^{G_t - G_ref} and e^{G_ref - G_j} span up to C/2 + 1 tokens around the chunk's middle token, C/4 + 1
-    with `pair_halves` (WKV6: a reference per half chunk), and e^72 leaves float32 room for the inputs' own size:
-    -4.2 at 32 tokens, -8 at 16, -14.4 at 16 with halves. Below it the factors overflow: WKV7 hands such inputs to
-    the chunked PyTorch path (RWKV-7 models have w > -e^{-0.5}), WKV6 floors them (see its module)."""
-    return -72.0 / (cfg.chunk // (4 if cfg.pair_halves else 2) + 1)
+    factors e^{G_t - G_ref} and e^{G_ref - G_j} span up to C/2 + 1 tokens around the chunk's middle token, and
+    e^72 leaves float32 room for the inputs' own size: -4.2 at 32 tokens, -8 at 16. WKV6's `pair_levels` split
+    steep chunks down to blocks of C / 2^levels tokens, each with its own middle (-14.4 at 32 tokens and 2 levels).
+    Below it the factors overflow: WKV7 hands such inputs to the chunked PyTorch path (RWKV-7 models have
+    w > -e^{-0.5}), WKV6 floors them (see its module)."""
+    return -72.0 / ((cfg.chunk >> cfg.pair_levels) // 2 + 1)
 
 
 def fp16_operands_fit(cfg: KernelConfig, dtype: torch.dtype, log_decay_min: float | None) -> bool:
@@ -918,10 +919,10 @@ def wkv7_triton(
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
     config = DEFAULT_CONFIG if config is None else config
-    if config.pair_halves:
+    if config.pair_levels:
         from rwkvkit.errors import ConfigError
 
-        raise ConfigError("KernelConfig.pair_halves is a WKV6 option; the WKV7 kernels have no such split")
+        raise ConfigError("KernelConfig.pair_levels is a WKV6 option; the WKV7 kernels have no such split")
     supported = _supported(r, v, config)  # (a config the kernels cannot run raises here)
     may_wait = not torch.compiler.is_compiling() and device_sync_allowed(r)
     if log_decay_min is None and supported and w.numel() and may_wait:
