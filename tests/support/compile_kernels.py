@@ -38,7 +38,8 @@ def record_launches(launches: list) -> None:
 
 def source(kernel, args, kw) -> tuple[ASTSource, dict]:
     """The launch as Triton's compiler takes it, and its options."""
-    values = dict(zip([p.name for p in kernel.params], args)) | {k: v for k, v in kw.items() if not k.startswith("num_")}
+    values = dict(zip([p.name for p in kernel.params], args))
+    values |= {k: v for k, v in kw.items() if not k.startswith("num_")}
     signature, constexprs = {}, {}
     for p in kernel.params:
         value = values[p.name]

@@ -14,10 +14,10 @@ RWKV-5/6 decays have no lower bound, and the split around the middle overflows o
 over half a chunk falls below -72. The walks' factors (e^{G_C-G_j}, e^{G_{t-1}}) are <= 1 and safe for any decay;
 only the chunk-parallel kernels' pairs need care, and only in the chunks that are that steep. So with
 `pair_levels` > 0 each of them runs twice, with no wait for the GPU: a first pass takes the chunks where the plain
-split fits and flags the others (_steep), a second takes the flagged ones and splits their pairs by halves: those
-across the halves of a block meet at the lower half's last token, where both factors are <= 1 (exact for any
-decay), `pair_levels` times over, and those left inside the smallest blocks are split around each block's middle
-(`log_decay_floor`: -14.4 for 8-token blocks). The gradient kernel's second pass takes each steep chunk in two
+split fits and flags the others (_flag_if_steep), a second takes the flagged ones and splits their pairs by
+halves: those across the halves of a block meet at the lower half's last token, where both factors are <= 1
+(exact for any decay), `pair_levels` times over, and those left inside the smallest blocks are split around each
+block's middle (`log_decay_floor`: -14.4 for 8-token blocks). The gradient kernel's second pass takes each steep chunk in two
 16-token programs with one level less (a 32-token program with two levels spills 1.2 KB per thread), each making
 the state or state gradient at the chunk's middle itself.
 
@@ -104,10 +104,13 @@ def _flag(flags, PER: tl.constexpr):
 
 
 @triton.jit
-def _steep(G, ww, C: tl.constexpr):
-    """Whether the chunk's pair factors overflow without a split, i.e. leave e^72 (_pair_factors, LEVELS 0)."""
+def _flag_if_steep(G, ww, flag, C: tl.constexpr):
+    """Stores and returns whether the chunk is steep: whether its pair factors without a split (_pair_factors,
+    LEVELS 0) would leave e^72, so that the second pass must take it."""
     g_ref = _row(G, C // 2, C)[None, :]
-    return tl.max(tl.max(tl.maximum(G - ww - g_ref, g_ref - G), 1), 0) > 72.0
+    steep = tl.max(tl.max(tl.maximum(G - ww - g_ref, g_ref - G), 1), 0) > 72.0
+    tl.store(flag, steep.to(tl.int8))
+    return steep
 
 
 @triton.jit
@@ -165,8 +168,8 @@ def _fwd_out(
     """y = R~ S_0 + M V for one chunk; with SUB < C also the states at the starts of its SUB-token sub-chunks,
     S_p = diag(e^{G_p}) S_0 + sum_{j<p} (k_j e^{G_p-G_j}) v_j^T, for the gradient kernel (as in WKV7).
     LEVELS: this launch's pair split (_pair_factors). PASS 0: the only launch, for every chunk; 1: the first of
-    two, for the chunks whose factors fit without a split (LEVELS 0), which flags the others (_steep); 2: the
-    second, for the flagged ones."""
+    two, for the chunks whose factors fit without a split (LEVELS 0), which flags the others (_flag_if_steep);
+    2: the second, for the flagged ones."""
     i_h, i_t, bos, T, base = _chunk_program(T, H, C, 1, chunk_table, VARLEN)
     if i_t < 0:  # a spare program of a packed-sequence grid
         return
@@ -181,9 +184,7 @@ def _fwd_out(
     ww = _load_log_decay(w, pk, live, W_MIN)
     G = tl.cumsum(ww, 0)
     if PASS == 1:
-        steep = _steep(G, ww, C)
-        tl.store(_flag(flags, 1), steep.to(tl.int8))
-        if steep:
+        if _flag_if_steep(G, ww, _flag(flags, 1), C):
             return
     p_state = chunk * (C // SUB) * K * V + cols_k[:, None] * V + cols_v[None, :]
     S0 = tl.load(states + p_state).to(tl.float32)
@@ -326,9 +327,7 @@ def _bwd_chunk(
     G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
     g_end = tl.sum(ww, 0)
     if PASS == 1:
-        steep = _steep(G, ww, C)
-        tl.store(_flag(flags, 1), steep.to(tl.int8))
-        if steep:
+        if _flag_if_steep(G, ww, _flag(flags, 1), C):
             return
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
     kk = tl.load(k + pk, mask=live, other=0.0).to(tl.float32)
