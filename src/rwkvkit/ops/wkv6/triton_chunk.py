@@ -297,7 +297,7 @@ def _bwd_chunk(
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, WALK: tl.constexpr, PS: tl.constexpr, PC: tl.constexpr, ROUND_ONCE: tl.constexpr,
     ROUND_STATES: tl.constexpr, W_MIN: tl.constexpr, LEVELS: tl.constexpr, PASS: tl.constexpr,
-    HALVES: tl.constexpr, DU_SPREAD: tl.constexpr, VARLEN: tl.constexpr,
+    HALVES: tl.constexpr, DU_SPREAD: tl.constexpr, FLAGGED: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """All input gradients of one chunk (du as per-chunk parts). Like WKV7's: each gradient is stored once complete,
     dS_C and S_0 are loaded in turn, the decay gradient is summed from x * dx, ROUND_ONCE rounds operands once
@@ -305,7 +305,8 @@ def _bwd_chunk(
     C tokens per program; states and du parts are laid out by the walks' WALK-token chunks (C divides WALK), or
     with HALVES by chunks of 2C tokens with one state each: the program on either half makes the state (gradient)
     at the middle itself (the second pass over steep chunks; 16-token programs spill less than 32-token ones).
-    DU_SPREAD 2: du parts at every other row (a first pass whose second takes halves)."""
+    DU_SPREAD 2: du parts at every other row (a first pass whose second takes halves). FLAGGED: the first pass
+    reads the flags that the forward's first pass wrote for the same chunks instead of checking the decays again."""
     i_h, i_t, bos, T, base = _chunk_program(T, H, WALK, WALK // C, chunk_table, VARLEN)
     if i_t < 0:  # a spare program of a packed-sequence grid
         return
@@ -323,10 +324,13 @@ def _bwd_chunk(
     if PASS == 2:
         if tl.load(_flag(flags, 2 if HALVES else 1)) == 0:  # taken by the first pass
             return
+    if PASS == 1 and FLAGGED:
+        if tl.load(_flag(flags, 1)) != 0:  # left to the second pass
+            return
     ww = _load_log_decay(w, pk, live, W_MIN)
     G = tl.cumsum(ww, 0)  # G_t; G_{t-1} = G - ww
     g_end = tl.sum(ww, 0)
-    if PASS == 1:
+    if PASS == 1 and not FLAGGED:
         if _flag_if_steep(G, ww, _flag(flags, 1), C):
             return
     rr = tl.load(r + pk, mask=live, other=0.0).to(tl.float32)
@@ -482,14 +486,14 @@ def _forward(r, w, k, v, u, s0, cu_seqlens, cfg: KernelConfig, for_grad: bool = 
             r, w, k, v, u, states, y, chunk_table, flags, T, H, K, V, cfg.chunk, sub, ps, pc, W_MIN=w_min,
             LEVELS=levels, PASS=pass_, **varlen, num_warps=cfg.warps_chunk,
         )  # fmt: skip
-    return y, s_final, states
+    return y, s_final, states, flags
 
 
 class _WKV6(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, u, s0, cu_seqlens, cfg):
-        y, s_final, states = _forward(r, w, k, v, u, s0, cu_seqlens, cfg)
-        ctx.save_for_backward(r, w, k, v, u, states, cu_seqlens)
+        y, s_final, states, flags = _forward(r, w, k, v, u, s0, cu_seqlens, cfg)
+        ctx.save_for_backward(r, w, k, v, u, states, flags, cu_seqlens)
         ctx.cfg = cfg
         ctx.s0_dtype = None if s0 is None else s0.dtype
         ctx.set_materialize_grads(False)
@@ -497,7 +501,7 @@ class _WKV6(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds_final):
-        r, w, k, v, u, states, cu_seqlens = ctx.saved_tensors
+        r, w, k, v, u, states, fwd_flags, cu_seqlens = ctx.saved_tensors
         cfg = ctx.cfg
         lay = _wkv6_layout(r, v, cfg, cu_seqlens)
         B, T, H, K, V = lay.B, lay.T, lay.H, lay.K, lay.V
@@ -530,7 +534,9 @@ class _WKV6(torch.autograd.Function):
         du_parts = torch.zeros(B, H, du_rows, K, device=r.device, dtype=torch.float32)
         round_once = cfg.round_once and ps == pc == "tf32r"
         ps_c, pc_c = ("tf32", "tf32") if round_once else (ps, pc)
-        flags = _steep_flags(grid, r.device)
+        # the forward's first pass flagged the same chunks when the gradient kernel takes the walks' chunks
+        flagged = sub == cfg.chunk
+        flags = fwd_flags if flagged else _steep_flags(grid, r.device)
         for levels, pass_ in _passes(cfg, sub):
             by_halves = halves and pass_ == 2
             _bwd_chunk[(grid[0] * 2, grid[1]) if by_halves else grid](
@@ -538,7 +544,7 @@ class _WKV6(torch.autograd.Function):
                 T, H, K, V, sub // 2 if by_halves else sub, cfg.chunk, ps_c, pc_c, round_once,
                 round_once and (by_halves or states.dtype == torch.float32), W_MIN=w_min,
                 LEVELS=max(0, levels - 1) if by_halves else levels, PASS=pass_, HALVES=by_halves,
-                DU_SPREAD=1 if by_halves else spread, **varlen, num_warps=cfg.warps_grad,
+                DU_SPREAD=1 if by_halves else spread, FLAGGED=flagged, **varlen, num_warps=cfg.warps_grad,
             )  # fmt: skip
         du = du_parts.sum((0, 2)).to(u.dtype)
         ds0 = ds0.to(ctx.s0_dtype) if want_ds0 else None
@@ -586,5 +592,5 @@ def wkv6_triton(
     s0 = None if initial_state is None else initial_state.contiguous()
     if wants_grad:
         return _WKV6.apply(r, w, k, v, u, s0, cu_seqlens, config)
-    y, s_final, _ = _forward(r, w, k, v, u, s0, cu_seqlens, config, for_grad=False)
+    y, s_final, *_ = _forward(r, w, k, v, u, s0, cu_seqlens, config, for_grad=False)
     return y, s_final
