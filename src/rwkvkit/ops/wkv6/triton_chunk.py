@@ -42,7 +42,7 @@ from rwkvkit.ops.wkv7.triton_chunk import (
 # keeps under 6e-7 of its state per token, a change far below the products' tf32 rounding; the decay gradient
 # there is 0, as for a clamp (at -8, inputs with many such decays had dw at 2.2x the bf16 error floor).
 # 32-token chunks: fewer states to store and load and half the walk steps of 16 (H100, B8 / B4 T4096, fwd+bwd
-# with no steep chunk: 1.55 / 1.89 ms against 2.08 / 2.47 for 16-token chunks split by halves throughout).
+# with no steep chunk: 1.54 / 1.85 ms against 2.08 / 2.47 for 16-token chunks split by halves throughout).
 DEFAULT_CONFIG = KernelConfig(chunk=32, grad_chunk=32, pair_levels=2)
 
 
