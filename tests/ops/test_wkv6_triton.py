@@ -79,7 +79,8 @@ def run(fn, inputs, state, dy, ds):
      (70, False, 64, 16, 0), (45, True, 32, 32, 0),
      # steep chunks split by halves in a second pass (DEFAULT_CONFIG: 32-token chunks, 2 levels), on inputs where
      # some chunks are steep and some not; also with 32-token walks and 16-token gradients
-     (70, True, 32, 32, 2), (45, False, 32, 16, 2), (70, True, 32, 32, 1), (37, True, 16, 16, 1)],
+     (70, True, 32, 32, 2), (45, False, 32, 16, 2), (70, True, 32, 32, 1), (37, True, 16, 16, 1),
+     (37, False, 16, 16, 2)],
 )
 def test_matches_naive_float32(T, with_state, chunk, grad_chunk, levels, monkeypatch):
     inputs, state = rwkv6_like_inputs(2, T, 2, HEAD, seed=T, steep=(6.0, 12.0) if levels else ())

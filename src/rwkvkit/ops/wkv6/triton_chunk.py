@@ -17,9 +17,10 @@ only the chunk-parallel kernels' pairs need care, and only in the chunks that ar
 split fits and flags the others (_flag_if_steep), a second takes the flagged ones and splits their pairs by
 halves: those across the halves of a block meet at the lower half's last token, where both factors are <= 1
 (exact for any decay), `pair_levels` times over, and those left inside the smallest blocks are split around each
-block's middle (`log_decay_floor`: -14.4 for 8-token blocks). The gradient kernel's second pass takes each steep chunk in two
-16-token programs with one level less (a 32-token program with two levels spills 1.2 KB per thread), each making
-the state or state gradient at the chunk's middle itself.
+block's middle (`log_decay_floor`: -14.4 for 8-token blocks). The gradient kernel's first pass reads the
+forward's flags; its second takes each steep chunk as two 16-token programs with one level less (a 32-token
+program with two levels spills 1.2 KB per thread), each making the state or state gradient at the chunk's middle
+itself.
 
 Kernels: _fwd_state (sequential: keeps every chunk's S_0), _fwd_out (chunk-parallel), _bwd_state (sequential,
 backwards: dL/dS at every chunk end), _bwd_chunk (chunk-parallel: all gradients; du summed afterwards).
@@ -310,9 +311,6 @@ def _bwd_chunk(
     i_h, i_t, bos, T, base = _chunk_program(T, H, WALK, WALK // C, chunk_table, VARLEN)
     if i_t < 0:  # a spare program of a packed-sequence grid
         return
-    if HALVES:
-        if i_t * C >= T:  # the second half of a sequence's last chunk when that chunk has no such half
-            return
     chunk = base * (WALK // C) + i_t
     rows = tl.arange(0, C)
     cols_k = tl.arange(0, K)
@@ -320,6 +318,8 @@ def _bwd_chunk(
     tok, live, pk, pv = _tile_offsets(i_t, bos, T, i_h, H, K, V, C, cols_v)
     p_state = chunk * K * V + cols_k[:, None] * V + cols_v[None, :]
     if HALVES:
+        if i_t * C >= T:  # the second half of a sequence's last chunk when that chunk has no such half
+            return
         p_walk = (base + i_t // 2) * K * V + cols_k[:, None] * V + cols_v[None, :]
     if PASS == 2:
         if tl.load(_flag(flags, 2 if HALVES else 1)) == 0:  # taken by the first pass
