@@ -259,6 +259,22 @@ def test_fp16_operands_keep_tiny_gradients():
         assert torch.equal(t.float() * 2.0 ** 30, b.float()), name
 
 
+@pytest.mark.parametrize("small_chunk", [0, 1])
+def test_fp16_operands_with_gradients_of_very_different_size_per_chunk(small_chunk, monkeypatch):
+    """dy 2^-8 smaller in one of the two 32-token chunks: the backward's first kernel scales each chunk's dy by its
+    own largest element, the rest by the largest of all; every gradient stays as close to the float64 loop as the
+    tf32r config's (a chunk's part taken at the wrong scale would be 2^8 off). (Much smaller, the state gradient
+    at the small chunk goes under fp16's range: the hazard the module doc names for dS_final.)"""
+    inputs, state, dy, _, _ = bf16_case(seed=23)
+    dy = dy.clone()
+    dy[:, 32 * small_chunk:32 * (small_chunk + 1)] *= 2.0 ** -8
+    want = run(wkv7_naive, [x.double() for x in inputs], state.double(), dy.double(), None)
+    fill_new_buffers_with_nan(monkeypatch)
+    got, tf = (run_config(c, inputs, state, dy, None)
+               for c in (triton_chunk.DEFAULT_CONFIG, triton_chunk.DEFAULT_CONFIG._replace(**TF32R)))
+    assert_as_close_as_tf32(got, tf, want, NAMES)
+
+
 def test_fp16_operands_not_in_a_backward_with_a_final_state_gradient():
     """A gradient on the final state alone (state tuning through a later chunk): walking back, the state gradient
     decays far below its size at the end (here about 1e-6 of it), under fp16's range; the backward keeps tf32r,
