@@ -49,7 +49,8 @@ The default config's products take fp16 operands ("fp16" precisions) where that 
 "tf32r", so the errors do not move, but it takes half the registers and shared memory and twice the tensor-core
 rate (H100: fwd+bwd 3.29 -> 2.85 ms at the 0.1B shape, 4.17 -> 3.57 ms at 1.5B). Its range (6e-5 to 65504) asks
 three things: gradients are scaled by a power of two per call (`_scale`), however small the loss makes them, and
-a backward with a final-state gradient, which can decay far below the largest |dy|, keeps "tf32r"; the
+a backward with a final-state gradient, which can decay far below the largest |dy|, keeps "tf32r" (and so
+does the walk of one that wants dL/dS_0, which decays the same way through a loss-masked prompt); the
 pair factors of the walks' chunks span up to C/2 + 1 tokens (2^15 at RWKV-7's steepest decay), so the inputs of
 those pair matrices are scaled to a largest element in [1, 2) per chunk first (`_chunk_pair_matrix`); the gradient
 kernel's pair factors span 9 tokens (2^8 at that decay) on unscaled inputs, so there r, k, a, b must stay under
@@ -748,9 +749,13 @@ def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, 
     _bwd_prep[lay.chunk_grid(C)](r, w, a, b, dy, grad_top, solve, p1, wb, r_s, a_s, e_end, g_sub, chunk_table,
                                  T, H, K, V, C, sub, pc, scaled, **varlen, num_warps=cfg.warps_chunk)
     ds_in = ds_final.contiguous() if ds_final is not None else dstates  # (a placeholder when there is none)
+    # dL/dS_0 (state tuning) decays the same way through a stretch of tokens without dy (a loss-masked prompt), and
+    # it is the whole gradient there: the walk that makes it keeps tf32r (40 of 45 tokens masked: 27x the bf16
+    # floor with fp16 products, under 1.2x with tf32r). The gradients of the inputs are not hurt (test_wkv7_triton).
+    ps_walk = "tf32r" if want_ds0 and ps == "fp16" else ps
     _bwd_state[(V // lay.bv, lay.n_seqs * H)](
         dy, grad_top, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0, seq_table,
-        T, H, K, V, lay.bv, C, sub, ps, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, SCALED=scaled,
+        T, H, K, V, lay.bv, C, sub, ps_walk, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, SCALED=scaled,
         **varlen, **_seq_launch(cfg),
     )  # fmt: skip
     grads = [torch.empty_like(x) for x in (r, w, k, v, a, b)]
