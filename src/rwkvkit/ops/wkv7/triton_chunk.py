@@ -433,7 +433,7 @@ def _bwd_prep(
     m_rb = _chunk_pair_matrix(rr, e_g_m, bb, e_m_g, True, C, PC)
     solve_t = tl.load(solve + _square_offsets(chunk, C, True))
     du_y = _dot(tl.trans(m_rb), do * local, PC)
-    tl.store(p1 + scratch * V + cols_v[None, :], _dot(solve_t, du_y, PC) / local)
+    tl.store(p1 + scratch * V + cols_v[None, :], _dot(solve_t, du_y, PC) * (1.0 / local))
     tl.store(wb + scratch * K + cols_k[None, :], _dot(solve_t, bb * e_end_g, PC))
     tl.store(r_s + scratch * K + cols_k[None, :], rr * e_g)
     tl.store(a_s + scratch * K + cols_k[None, :], aa * e_gp)
