@@ -10,7 +10,7 @@ import pytest
 import torch
 from triton_interpreter import (
     assert_kernel_matches, check_bf16_saved_states, count_chunks_on, device_for_kernel_tests,
-    fill_new_buffers_with_nan,
+    fill_new_buffers_with_nan, spy_on_walk_grids,
 )
 
 DEVICE = device_for_kernel_tests("rwkvkit.ops.wkv7.triton_chunk", "rwkvkit.ops.wkv6.triton_chunk")
@@ -98,6 +98,19 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, levels, monkeyp
     if levels:  # the forward's; the backward reads them where it takes the same chunks, else flags its own
         assert len(flags) == (1 if grad_chunk == chunk else 2)
         assert_passes_took_chunks(flags)
+
+
+def test_walks_take_whole_heads_once_the_programs_fill_the_gpu(monkeypatch):
+    """With enough sequences x heads (here: the threshold lowered to 1) and no block_v asked for, both walks take
+    all 32 value rows of a head in one program; results as exact."""
+    monkeypatch.setattr(triton_chunk, "WHOLE_HEAD_WALKS", 1)
+    grids = spy_on_walk_grids(triton_chunk, monkeypatch)
+    inputs, state = rwkv6_like_inputs(1, 37, 2, 32, seed=31)
+    dy, ds = torch.randn(1, 37, 2, 32, device=DEVICE), torch.randn(1, 2, 32, 32, device=DEVICE)
+    cfg = EXACT._replace(chunk=32, block_v=None)
+    assert_kernel_matches(wkv6_naive, lambda *x: triton_chunk.wkv6_triton(*x, config=cfg), (inputs, state, dy, ds),
+                          NAMES, monkeypatch)
+    assert grids == {"_fwd_state": [(1, 2)], "_bwd_state": [(1, 2)]}
 
 
 @pytest.mark.parametrize("chunk, grad_chunk, levels, with_state, cu_on", [

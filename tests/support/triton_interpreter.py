@@ -102,6 +102,23 @@ def count_chunks_on(where: str, cu_seqlens, monkeypatch):
     return cu_seqlens
 
 
+def spy_on_walk_grids(kernel_module, monkeypatch) -> dict:
+    """The launch grids of kernel_module's two walks, {"_fwd_state": [...], "_bwd_state": [...]}, from now on."""
+    grids = {}
+
+    class Spy:
+        def __init__(self, name):
+            self.kernel, self.name = getattr(kernel_module, name), name
+
+        def __getitem__(self, grid):
+            grids.setdefault(self.name, []).append(tuple(grid))
+            return self.kernel[grid]
+
+    for name in ("_fwd_state", "_bwd_state"):
+        monkeypatch.setattr(kernel_module, name, Spy(name))
+    return grids
+
+
 def assert_kernel_matches(reference, kernel, case, names, monkeypatch, tol=2e-5) -> list:
     """kernel and reference on case = (inputs, initial state or None, dy, d final state): outputs, final state and
     every gradient (the kernel's into NaN-filled buffers) have the reference's dtype and shape, are finite and

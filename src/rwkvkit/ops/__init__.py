@@ -77,6 +77,12 @@ def require_triton_kernel(op: str, module: str = "triton_chunk", name: str | Non
     return kernel
 
 
+# From this many sequences x heads on, a walk whose per-chunk loads do not depend on its value rows (WKV6's walks,
+# WKV7's backward walk) takes all of a head's rows in one program, since a narrower one loads them again (H100,
+# measured at 96 and 128: docs/gpu.md)
+WHOLE_HEAD_WALKS = 96
+
+
 def walk_block_v(batch_heads: int, V: int, requested: int | None) -> int:
     """Value rows per program of a sequential chunk walk (WKV6/WKV7): 32, or 16 when (batch x heads) is too small
     to fill the GPU with 32-row programs (batch-1 prefill), since each program walks all T tokens alone."""

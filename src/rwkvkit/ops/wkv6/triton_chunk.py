@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import check_triton_device
+from rwkvkit.ops import WHOLE_HEAD_WALKS, check_triton_device
 from rwkvkit.ops.varlen import check_cu_seqlens
 from rwkvkit.ops.wkv7.triton_chunk import (
     KernelConfig, _chunk_program, _dot, _layout, _round_to_tf32, _row, _saved_dtype, _sequence,
@@ -445,7 +445,7 @@ def _wkv6_layout(r, v, cfg: KernelConfig, cu_seqlens):
     program recomputes its chunk's decayed keys (H100, 96 and 128 of them: fwd+bwd 2.27 -> 2.13 and 2.67 -> 2.54
     ms)."""
     lay = _layout(r, v, cfg, cu_seqlens)
-    return lay._replace(bv=lay.V) if cfg.block_v is None and lay.n_seqs * lay.H >= 96 else lay
+    return lay._replace(bv=lay.V) if cfg.block_v is None and lay.n_seqs * lay.H >= WHOLE_HEAD_WALKS else lay
 
 
 def _passes(cfg: KernelConfig, tokens: int) -> tuple[tuple[int, int], ...]:
