@@ -113,6 +113,32 @@ def test_walks_take_whole_heads_once_the_programs_fill_the_gpu(monkeypatch):
     assert grids == {"_fwd_state": [(1, 2)], "_bwd_state": [(1, 2)]}
 
 
+@pytest.mark.parametrize("T, chunk, grad_chunk, levels, with_state, packed", [
+    (45, 32, 32, 2, True, False), (37, 16, 16, 0, False, False), (45, 32, 16, 0, True, False),
+    (None, 32, 32, 2, True, True)])
+def test_time_constant_decay(T, chunk, grad_chunk, levels, with_state, packed, monkeypatch):
+    """RWKV-5's decay, one per channel for every token ([H, N]): the same results as that decay given per token, and
+    its gradient [H, N] summed over every token (and sequence), into NaN-filled buffers. One channel decays steeply
+    enough to make every chunk of its head steep, one more so, one below the floor (no gradient there)."""
+    lengths = PACKED_LENGTHS if packed else None
+    T = sum(lengths) if packed else T
+    inputs, state = rwkv6_like_inputs(1 if packed else 2, T, 2, HEAD, seed=33)
+    w = -torch.exp(torch.randn(2, HEAD, generator=torch.Generator().manual_seed(34)) * 0.5 - 1.0)
+    w[0, 0], w[1, 1], w[1, 2] = -6.0, -12.0, -20.0
+    inputs[1] = w.to(DEVICE)
+    cu = cu_seqlens_of(lengths).to(DEVICE) if packed else None
+    n = len(lengths) if packed else 2
+    state = torch.randn(n, 2, HEAD, HEAD, device=DEVICE) * 0.5 if with_state else None
+    dy = torch.randn(inputs[0].shape, device=DEVICE)
+    ds = torch.randn(n, 2, HEAD, HEAD, device=DEVICE)
+    cfg = EXACT._replace(chunk=chunk, grad_chunk=grad_chunk, pair_levels=levels)
+    floor = triton_chunk.log_decay_floor(cfg)
+    got = assert_kernel_matches(lambda r, w, *x: wkv6(r, w.clamp(min=floor), *x, impl="naive", cu_seqlens=cu),
+                                lambda *x: triton_chunk.wkv6_triton(*x, config=cfg, cu_seqlens=cu),
+                                (inputs, state, dy, ds), NAMES, monkeypatch)
+    assert got[3].shape == (2, HEAD) and got[3][1, 2] == 0
+
+
 @pytest.mark.parametrize("chunk, grad_chunk, levels, with_state, cu_on", [
     (32, 32, 2, True, "host"), (32, 16, 0, False, "device"), (32, 32, 0, True, "host"),
     (32, 32, 2, False, "device"), (16, 16, 1, True, "device")])

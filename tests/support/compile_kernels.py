@@ -59,7 +59,7 @@ def source(kernel, args, kw) -> tuple[ASTSource, dict]:
 
 def run_ops() -> list:
     """The launches of each op's default path: WKV7 and WKV6, bf16 and float32, plain rows and packed sequences,
-    forward and backward (with and without a final-state gradient)."""
+    forward and backward (with and without a final-state gradient); WKV6 with RWKV-5's time-constant decay."""
     launches: list = []
     record_launches(launches)
     os.environ["TRITON_INTERPRET"] = "1"  # (from here only the host code's device check reads it)
@@ -77,6 +77,11 @@ def run_ops() -> list:
             torch.autograd.backward([y, s], [torch.ones_like(y), torch.ones_like(s)])
             u = torch.randn(H, N, generator=g).requires_grad_()
             y, s = wkv6_module.wkv6_triton(*x[:4], u, s0, cu_seqlens=packed)
+            torch.autograd.backward([y, s], [torch.ones_like(y), torch.ones_like(s)])
+        # RWKV-5: a time-constant float32 decay [H, N] (bf16 rows only, to keep the test's time down)
+        if dtype == torch.bfloat16:
+            w5 = (-torch.rand(H, N, generator=g)).requires_grad_()
+            y, s = wkv6_module.wkv6_triton(x[0], w5, x[2], x[3], u, s0[:B])
             torch.autograd.backward([y, s], [torch.ones_like(y), torch.ones_like(s)])
     return launches
 

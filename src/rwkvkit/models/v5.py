@@ -45,7 +45,7 @@ class TimeMix(nn.Module):
         k = self.key(lerp_mix(x, xs, self.time_mix_k)).view(B, T, H, N)
         v = self.value(lerp_mix(x, xs, self.time_mix_v)).view(B, T, H, N)
         g = F.silu(self.gate(lerp_mix(x, xs, self.time_mix_g)))
-        log_decay = -torch.exp(self.time_decay.float()).expand(B, T, H, N)  # fp32: decays can be within 1e-5 of 1
+        log_decay = -torch.exp(self.time_decay.float())  # [H, N], every token's; fp32: decays can be within 1e-5 of 1
         y, state = wkv6(r, log_decay, k, v, self.time_faaaa, initial_state=state,
                         cu_seqlens=packed_cu_seqlens(packing))
         y = group_norm(y.reshape(B, T, H * N) / HEAD_SIZE_DIVISOR, self.ln_x)

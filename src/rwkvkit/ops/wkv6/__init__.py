@@ -25,8 +25,9 @@ def wkv6(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),  S_t = diag(exp w_t) S_{t-1} + k_t v_t^T, per head.
 
-    All per-token inputs [B, T, H, N]; w = log of the decay (<= 0), u = bonus [H, N]. RWKV-5 passes a time-constant
-    w. State [B, H, N_k, N_v] float32 (key-major, the official v5/v6 layout). Returns y in r's dtype and the final
+    All per-token inputs [B, T, H, N]; w = log of the decay (<= 0), u = bonus [H, N]. RWKV-5's decay does not depend
+    on the token: it passes w as [H, N] (the kernels then read it once per program, and its gradient is [H, N]).
+    State [B, H, N_k, N_v] float32 (key-major, the official v5/v6 layout). Returns y in r's dtype and the final
     state in float32. Inputs are never modified.
     impl: "auto" (a single-step path for T == 1, triton on CUDA from T = KERNEL_MIN_T (128) on, else
     chunked), "naive", "chunked" or "triton".
@@ -44,6 +45,8 @@ def wkv6(
         impl = "chunked"  # which itself takes the single-step path when T == 1
     if impl == "triton":
         return require_triton_kernel("wkv6")(r, w, k, v, u, initial_state, cu_seqlens=cu_seqlens)
+    if w.dim() == 2:  # time-constant (RWKV-5): the PyTorch paths take it per token, as a view
+        w = w.expand(r.shape)
     fn = wkv6_naive if impl == "naive" else wkv6_chunked
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, r, initial_state)
