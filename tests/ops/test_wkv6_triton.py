@@ -287,3 +287,14 @@ def test_fp16_operands_are_a_wkv7_option():
     inputs, state = rwkv6_like_inputs(1, 20, 2, HEAD, seed=9)
     with pytest.raises(ConfigError, match="'fp16' is a WKV7 option"):
         triton_chunk.wkv6_triton(*inputs, state, config=triton_chunk.KernelConfig(precision_chunk="fp16"))
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked", "naive"])
+def test_a_decay_of_neither_shape_is_named(impl):
+    """w is [B, T, H, N] or RWKV-5's [H, N]; anything else (here [N, H], which the kernels would read as [H, N]) is
+    refused by name on every path."""
+    inputs, state = rwkv6_like_inputs(1, 20, 2, HEAD, seed=9)
+    inputs[1] = inputs[1][0, 0].t().contiguous()
+    fn = triton_chunk.wkv6_triton if impl == "triton" else lambda *x: wkv6(*x, impl=impl)
+    with pytest.raises(ValueError, match=rf"w must be \[B, T, H, N\].* or \[H, N\].*got \({HEAD}, 2\)"):
+        fn(*inputs, state)

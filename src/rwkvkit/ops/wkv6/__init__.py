@@ -13,6 +13,13 @@ from .naive import wkv6_naive
 IMPLS = ("auto", "naive", "chunked", "triton")
 
 
+def check_log_decay_shape(r: torch.Tensor, w: torch.Tensor) -> None:
+    """w per token (r's shape) or time-constant ([H, N]); else a ValueError (an [H, N] the kernels would misread)."""
+    if tuple(w.shape) not in (tuple(r.shape), tuple(r.shape[2:])):
+        raise ValueError(f"wkv6: w must be [B, T, H, N] like r {tuple(r.shape)} or [H, N] {tuple(r.shape[2:])} "
+                         f"(time-constant, RWKV-5), got {tuple(w.shape)}")
+
+
 def wkv6(
     r: torch.Tensor,
     w: torch.Tensor,
@@ -26,7 +33,8 @@ def wkv6(
     """y_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),  S_t = diag(exp w_t) S_{t-1} + k_t v_t^T, per head.
 
     All per-token inputs [B, T, H, N]; w = log of the decay (<= 0), u = bonus [H, N]. RWKV-5's decay does not depend
-    on the token: it passes w as [H, N] (the kernels then read it once per program, and its gradient is [H, N]).
+    on the token: it passes w as [H, N] (the kernels then read each chunk's decays from that row, and its gradient
+    is [H, N]).
     State [B, H, N_k, N_v] float32 (key-major, the official v5/v6 layout). Returns y in r's dtype and the final
     state in float32. Inputs are never modified.
     impl: "auto" (a single-step path for T == 1, triton on CUDA from T = KERNEL_MIN_T (128) on, else
@@ -36,6 +44,7 @@ def wkv6(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv6 impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    check_log_decay_shape(r, w)
     if impl == "auto":
         # short sequences stay on the PyTorch path (`wants_kernel`); one token takes its plain step, which
         # torch.compile fuses into the decoder's layer step
@@ -54,4 +63,4 @@ def wkv6(
     return fn(r, w, k, v, u, initial_state)
 
 
-__all__ = ["wkv6", "wkv6_naive", "wkv6_chunked", "wkv6_step", "IMPLS"]
+__all__ = ["wkv6", "wkv6_naive", "wkv6_chunked", "wkv6_step", "check_log_decay_shape", "IMPLS"]

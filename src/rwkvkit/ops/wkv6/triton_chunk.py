@@ -34,6 +34,7 @@ import triton.language as tl
 
 from rwkvkit.ops import WHOLE_HEAD_WALKS, check_triton_device
 from rwkvkit.ops.varlen import check_cu_seqlens
+from rwkvkit.ops.wkv6 import check_log_decay_shape
 from rwkvkit.ops.wkv7.triton_chunk import (
     KernelConfig, _chunk_program, _dot, _layout, _round_to_tf32, _row, _saved_dtype, _sequence,
     _supported, _tile_offsets, log_decay_floor,
@@ -593,6 +594,7 @@ def wkv6_triton(
     floor.
     """
     check_triton_device(r, "WKV kernels", "chunked")
+    check_log_decay_shape(r, w)
     if config is not None and config.uses_fp16():
         from rwkvkit.errors import ConfigError
 

@@ -409,7 +409,7 @@ def _bwd_prep(
     the forward stored; and for the walk's dS_0 = dS_C diag(e^{G_C}) + dY^T R~ + dW^T A~: R~, A~ and e^{G_C}.
     SCALED: the largest |dy| of all chunks goes to grad_top (zero before; the later kernels' `_scale` reads it),
     and p1's products take this chunk's dY scaled the same way by its own largest element (p1 itself is not
-    scaled: a separate reduction over dy for the global scale first cost 0.02 ms, H100, 0.1B shape)."""
+    scaled). This replaced a reduction kernel over dy (0.02 ms at the 0.1B shape, H100) at about the same time."""
     i_h, i_t, bos, T, base = _chunk_program(T, H, C, 1, chunk_table, VARLEN)
     if i_t < 0:  # a spare program of a packed-sequence grid
         return
