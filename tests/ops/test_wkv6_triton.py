@@ -103,7 +103,9 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, levels, monkeyp
 def test_walks_take_whole_heads_once_the_programs_fill_the_gpu(monkeypatch):
     """With enough sequences x heads (here: the threshold lowered to 1) and no block_v asked for, both walks take
     all 32 value rows of a head in one program; results as exact."""
-    monkeypatch.setattr(triton_chunk, "WHOLE_HEAD_WALKS", 1)
+    from rwkvkit.ops.wkv7 import triton_chunk as shared_layout
+
+    monkeypatch.setattr(shared_layout, "WHOLE_HEAD_WALKS", 1)  # (the rule of the layout WKV6 shares with WKV7)
     grids = spy_on_walk_grids(triton_chunk, monkeypatch)
     inputs, state = rwkv6_like_inputs(1, 37, 2, 32, seed=31)
     dy, ds = torch.randn(1, 37, 2, 32, device=DEVICE), torch.randn(1, 2, 32, 32, device=DEVICE)

@@ -80,15 +80,13 @@ def test_matches_naive_float32(T, with_state, chunk, grad_chunk, monkeypatch):
 def test_backward_walk_takes_whole_heads_once_the_programs_fill_the_gpu(monkeypatch):
     """With enough sequences x heads (here: the threshold lowered to 1) and no block_v asked for, the backward walk
     takes all 32 value rows of a head in one program while the forward walk keeps blocks of 16; results as exact."""
-    import rwkvkit.ops.wkv7.triton_chunk as module
-
-    monkeypatch.setattr(module, "WHOLE_HEAD_WALKS", 1)
-    grids = spy_on_walk_grids(module, monkeypatch)
+    monkeypatch.setattr(triton_chunk, "WHOLE_HEAD_WALKS", 1)
+    grids = spy_on_walk_grids(triton_chunk, monkeypatch)
     inputs, state = rwkv7_like_inputs(1, 37, 2, 32, torch.float32, seed=31)
     dy, ds = torch.randn(1, 37, 2, 32, device=DEVICE), torch.randn(1, 2, 32, 32, device=DEVICE)
-    cfg = module.KernelConfig(chunk=32, **{**EXACT, "block_v": None})
-    assert_kernel_matches(wkv7_naive, lambda *x: module.wkv7_triton(*x, config=cfg), (inputs, state, dy, ds), NAMES,
-                          monkeypatch)
+    cfg = triton_chunk.KernelConfig(chunk=32, **{**EXACT, "block_v": None})
+    assert_kernel_matches(wkv7_naive, lambda *x: triton_chunk.wkv7_triton(*x, config=cfg), (inputs, state, dy, ds),
+                          NAMES, monkeypatch)
     assert grids == {"_fwd_state": [(2, 2)], "_bwd_state": [(1, 2)]}
 
 

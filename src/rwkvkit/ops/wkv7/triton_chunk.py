@@ -651,6 +651,12 @@ class _Layout(NamedTuple):
         out)."""
         return (None, None) if self.packed is None else (self.packed.seq_table, self.packed.chunk_table)
 
+    def whole_head_rows(self, cfg: KernelConfig) -> int:
+        """Value rows per program of a walk whose per-chunk loads do not depend on its rows (WKV6's walks, WKV7's
+        backward walk): all of a head's once sequences x heads fill the GPU (`WHOLE_HEAD_WALKS`), unless the config
+        asks for a block size."""
+        return self.V if cfg.block_v is None and self.n_seqs * self.H >= WHOLE_HEAD_WALKS else self.bv
+
     def chunk_grid(self, sub: int) -> tuple[int, int]:
         """The grid of a chunk-parallel kernel of sub tokens per program (sub divides the walks' chunk)."""
         if self.packed is None:
@@ -756,7 +762,7 @@ def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, 
     # its loads of wb, R~, A~ per chunk are the same for every value row: all of them in one program once there
     # are enough programs (H100: 0.410 -> 0.365 ms at B8 H12, 0.438 -> 0.402 at B4 H32; the forward walk measured
     # slower so, 0.322 -> 0.346 ms at B8 H12)
-    bv = V if cfg.block_v is None and lay.n_seqs * H >= WHOLE_HEAD_WALKS else lay.bv
+    bv = lay.whole_head_rows(cfg)
     _bwd_state[(V // bv, lay.n_seqs * H)](
         dy, grad_top, p1, wb, r_s, a_s, e_end, g_sub, dw_u, ds_in, dstates, ds0, seq_table,
         T, H, K, V, bv, C, sub, ps_walk, HAS_DS_FINAL=ds_final is not None, WANT_DS0=want_ds0, SCALED=scaled,
