@@ -44,7 +44,6 @@ def wkv6(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown wkv6 impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    check_log_decay_shape(r, w)
     if impl == "auto":
         # short sequences stay on the PyTorch path (`wants_kernel`); one token takes its plain step, which
         # torch.compile fuses into the decoder's layer step
@@ -54,6 +53,7 @@ def wkv6(
         impl = "chunked"  # which itself takes the single-step path when T == 1
     if impl == "triton":
         return require_triton_kernel("wkv6")(r, w, k, v, u, initial_state, cu_seqlens=cu_seqlens)
+    check_log_decay_shape(r, w)  # (the kernels check it themselves)
     if w.dim() == 2:  # time-constant (RWKV-5): the PyTorch paths take it per token, as a view
         w = w.expand(r.shape)
     fn = wkv6_naive if impl == "naive" else wkv6_chunked

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rwkvkit.ops import WHOLE_HEAD_WALKS, check_triton_device
+from rwkvkit.ops import check_triton_device
 from rwkvkit.ops.varlen import check_cu_seqlens
 from rwkvkit.ops.wkv6 import check_log_decay_shape
 from rwkvkit.ops.wkv7.triton_chunk import (
@@ -458,7 +458,7 @@ def _wkv6_layout(r, v, cfg: KernelConfig, cu_seqlens):
     program recomputes its chunk's decayed keys (H100, 96 and 128 of them: fwd+bwd 2.27 -> 2.13 and 2.67 -> 2.54
     ms)."""
     lay = _layout(r, v, cfg, cu_seqlens)
-    return lay._replace(bv=lay.V) if cfg.block_v is None and lay.n_seqs * lay.H >= WHOLE_HEAD_WALKS else lay
+    return lay._replace(bv=lay.whole_head_rows(cfg))
 
 
 def _passes(cfg: KernelConfig, tokens: int) -> tuple[tuple[int, int], ...]:
@@ -470,8 +470,8 @@ def _passes(cfg: KernelConfig, tokens: int) -> tuple[tuple[int, int], ...]:
 
 
 def _steep_flags(grid: tuple[int, int], device) -> torch.Tensor:
-    """Written by the first pass of a chunk-parallel kernel, one per program: the levels its chunk needs, 0 where
-    the first pass took it (a hook for tests)."""
+    """Written by the first pass of a chunk-parallel kernel, one per program: 1 where its chunk is steep (left to
+    the second pass), 0 where the first pass took it (a hook for tests)."""
     return torch.empty(grid[0] * grid[1], device=device, dtype=torch.int8)
 
 
