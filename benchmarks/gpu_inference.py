@@ -15,6 +15,7 @@ Both implementations load the same file: a random fp16 state dict in the officia
     eagerly, and `Decoder.prefill`, which replays CUDA graphs of 2048-token pieces);
   - cold start: a fresh process with empty Triton / Inductor caches, process start to the first generated token
     (load + prefill + first step, compile and capture included), our default path;
+  - each model is measured in a fresh process of its own, ours and the official package's (as a user runs one);
   - correctness: our fp16 logits (prefill + decoder steps) vs our fp32 eager logits and vs the official
     package's, as ||a - b|| / ||b|| over the same tokens.
 """
@@ -234,11 +235,23 @@ def measure_official(paths: dict[str, Path], tokens: dict[str, int], workdir: Pa
     out = workdir / "official_out.pt"
     env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_CUDA_ON": "1", "RWKV_JIT_ON": "1"}
     cmd = [sys.executable, __file__, "--official-worker", str(spec), str(out)]
+    return _run_worker(cmd, env, out, "official package")
+
+
+def _run_worker(cmd: list[str], env: dict, out: Path, name: str) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        print(f"official package failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
+        print(f"{name} failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
         return {}
     return torch.load(out)
+
+
+def measure_ours_apart(path: Path, tokens: int, workdir: Path) -> dict:
+    """`measure_ours` in a fresh process per model, as a user runs one: neither model's compiled code, caches or
+    allocator state is left for the other's measurements."""
+    out = workdir / f"ours_{path.stem}.pt"
+    cmd = [sys.executable, __file__, "--ours-worker", str(path), str(tokens), str(out)]
+    return _run_worker(cmd, dict(os.environ), out, f"rwkvkit on {path.name}")
 
 
 _COLD_SCRIPT = """
@@ -331,9 +344,14 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-cold-start", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--official-worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--ours-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.official_worker:
         _official_worker(*args.official_worker)
+        return 0
+    if args.ours_worker:
+        path, tokens, out = args.ours_worker
+        torch.save(measure_ours(Path(path), int(tokens)), out)
         return 0
     if not torch.cuda.is_available():
         print("gpu_inference.py needs a CUDA device")
@@ -356,13 +374,17 @@ def main(argv=None) -> int:
         official = {}
         if not args.skip_official:
             t = time.perf_counter()
-            tokens = {s: args.tokens // 2 if SIZES[s][1] >= 2048 else args.tokens for s in args.sizes}
-            official = measure_official(paths, tokens, workdir)
+            for size in args.sizes:  # one process per model, as for ours
+                tokens = args.tokens // 2 if SIZES[size][1] >= 2048 else args.tokens
+                official |= measure_official({size: paths[size]}, {size: tokens}, workdir)
             print(f"official package: {time.perf_counter() - t:.0f} s (its CUDA build included)", flush=True)
         results = {}
         for size in args.sizes:
             t = time.perf_counter()
-            r = results[size] = {"ours": measure_ours(paths[size], args.tokens), "official": official.get(size)}
+            ours = measure_ours_apart(paths[size], args.tokens, workdir)
+            if not ours:
+                continue
+            r = results[size] = {"ours": ours, "official": official.get(size)}
             if r["official"]:
                 r["rel_err_vs_official"] = _rel(r["ours"]["logits_fp16"], r["official"]["logits"])
             if not args.skip_cold_start:
