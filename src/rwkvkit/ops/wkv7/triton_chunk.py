@@ -760,7 +760,7 @@ def _backward(r, w, k, v, a, b, states, u, solve, dy, ds_final, want_ds0: bool, 
     # floor with fp16 products, under 1.2x with tf32r). The gradients of the inputs are not hurt (test_wkv7_triton).
     ps_walk = "tf32r" if want_ds0 and ps == "fp16" else ps
     # its loads of wb, R~, A~ per chunk are the same for every value row: all of them in one program once there
-    # are enough programs (H100: 0.410 -> 0.365 ms at B8 H12, 0.438 -> 0.402 at B4 H32; the forward walk measured
+    # are enough programs (H100: 0.415 -> 0.368 ms at B8 H12, 0.439 -> 0.404 at B4 H32; the forward walk measured
     # slower so, 0.322 -> 0.346 ms at B8 H12)
     bv = lay.whole_head_rows(cfg)
     _bwd_state[(V // bv, lay.n_seqs * H)](
